@@ -1,0 +1,40 @@
+# opsrelay: `make demo` shows the main job, `make test` runs every check.
+# Both set up what they need (virtualenv, RabbitMQ for the tests) idempotently.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv test lint typecheck pytest rabbitmq demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+rabbitmq:
+	scripts/ensure-rabbitmq.sh
+
+lint: venv
+	$(BIN)/ruff check relay listeners tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv rabbitmq
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+bench: venv rabbitmq
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""opsrelay's supervisord eventlistener: protocol, event normalisation, publishing."""

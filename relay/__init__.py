@@ -1,0 +1,1 @@
+"""opsrelay's relay: config, models, engines, routing, rendering and SMTP delivery."""

@@ -1,0 +1,313 @@
+"""Configuration: pydantic models per concern, TOML discovery, environment overrides.
+
+A bad configuration raises :class:`relay.errors.ConfigError` whose text is one
+line naming the file, the key and the problem; the CLI turns it into exit 78
+(EX_CONFIG). Secrets are ``SecretStr`` and never appear in a repr or a log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from relay.durations import parse_duration
+from relay.errors import ConfigError
+from relay.event import STATES
+from relay.routing import Selector
+
+__all__ = [
+    "BrokerConfig",
+    "Config",
+    "RetryConfig",
+    "Security",
+    "SmtpConfig",
+    "Subscription",
+    "default_queue_url",
+    "find_config",
+    "load_config",
+]
+
+ENV_PREFIX = "OPSRELAY_"
+SEARCH_PATHS = ("./opsrelay.toml", "~/.config/opsrelay/opsrelay.toml", "/etc/opsrelay/opsrelay.toml")
+NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Security(StrEnum):
+    STARTTLS = "starttls"
+    TLS = "tls"
+    NONE = "none"
+
+
+DEFAULT_PORTS = {Security.STARTTLS: 587, Security.TLS: 465, Security.NONE: 25}
+
+
+def default_queue_url() -> str:
+    """root: /var/lib/opsrelay/queue.db; anyone else: $XDG_STATE_HOME/opsrelay/queue.db."""
+    if os.geteuid() == 0:
+        return "sqlite:////var/lib/opsrelay/queue.db"
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return f"sqlite:///{Path(state).absolute() / 'opsrelay' / 'queue.db'}"
+
+
+def _short_hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class BrokerConfig(_Strict):
+    url: str = Field(default_factory=default_queue_url)
+    prefix: str = Field(default="opsrelay", pattern=NAME_PATTERN)
+    # How long a publisher waits for the broker to confirm before calling it unavailable.
+    confirm_timeout: Duration = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme = url.partition(":")[0].lower()
+        if scheme not in ("amqp", "amqps", "sqlite"):
+            raise ValueError("must start with amqp://, amqps:// or sqlite:/// (then an absolute path)")
+        if scheme == "sqlite" and not url.startswith("sqlite:////"):
+            raise ValueError("a sqlite URL is sqlite:/// then an absolute path, e.g. sqlite:////var/lib/opsrelay/queue.db")
+        return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class SmtpConfig(_Strict):
+    host: str = "localhost"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Security = Security.STARTTLS
+    username: str = ""
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    from_: str = Field(default="", alias="from")
+    timeout: Duration = 30.0
+    pool_size: int = Field(default=2, ge=1, le=32)
+    helo: str | None = None
+
+    @model_validator(mode="after")
+    def _credentials(self) -> SmtpConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set either password or password_file, not both")
+        if self.password_file is not None:
+            try:
+                secret = self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"password_file {str(self.password_file)!r} cannot be read: "
+                                 f"{exc.strerror or exc}") from None
+            object.__setattr__(self, "password", SecretStr(secret))
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {str(self.ca_file)!r} does not exist")
+        # No credentials over clear text: AUTH without TLS only to a relay on this host.
+        if self.security is Security.NONE and self.username and not _is_loopback(self.host):
+            raise ValueError("security = 'none' with a username would send the password in clear text; "
+                             "use starttls or tls (clear text is allowed only to a loopback host)")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or DEFAULT_PORTS[self.security]
+
+    @property
+    def secret(self) -> str:
+        return self.password.get_secret_value() if self.password else ""
+
+
+class RetryConfig(_Strict):
+    max_attempts: int = Field(default=10, ge=1)
+    backoff: tuple[Duration, ...] = Field(default=(30.0, 120.0, 600.0, 1800.0, 3600.0), min_length=1)
+
+    @field_validator("backoff")
+    @classmethod
+    def _positive(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
+        if any(step < 0.001 for step in steps):
+            raise ValueError("every backoff step must be at least 1ms")
+        return steps
+
+
+def _address(value: str) -> str:
+    if "@" not in value or any(c in value for c in "\r\n <>,"):
+        raise ValueError(f"{value!r} is not a mail address like oncall@example.com")
+    return value
+
+
+Address = Annotated[str, BeforeValidator(lambda v: _address(v) if isinstance(v, str) else v)]
+
+
+class Subscription(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    to: tuple[Address, ...] = Field(min_length=1)
+    patterns: tuple[str, ...] = ()
+    programs: tuple[str, ...] = ("*",)
+    hosts: tuple[str, ...] = ("*",)
+    # Crashes by default, as crashmail: an unexpected exit, or a program that gave up starting.
+    states: tuple[str, ...] = ("EXITED", "FATAL")
+    unexpected_only: bool = True
+    subject: str | None = None
+    body: str | None = None
+
+    @field_validator("states")
+    @classmethod
+    def _known_states(cls, states: tuple[str, ...]) -> tuple[str, ...]:
+        upper = tuple(s.upper() for s in states)
+        unknown = [s for s in upper if s not in STATES and s != "*"]
+        if unknown:
+            raise ValueError(f"unknown state {unknown[0]!r} (one of {', '.join(STATES)})")
+        return STATES if "*" in upper else upper
+
+    @field_validator("patterns")
+    @classmethod
+    def _pattern_size(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for p in patterns:
+            if len(p.encode("utf-8")) > 255:
+                raise ValueError("a pattern is at most 255 bytes (AMQP shortstr)")
+        return patterns
+
+    @property
+    def selector(self) -> Selector:
+        return Selector(self.programs, self.hosts, self.states, self.unexpected_only)
+
+    def bindings(self) -> tuple[str, ...]:
+        return self.patterns or self.selector.bindings()
+
+    def accepts(self, event: Any) -> bool:
+        """The residual filter after the broker's bindings (globs inside a word, unexpected_only)."""
+        if self.patterns:
+            return not (self.unexpected_only and event.expected is True)
+        return self.selector.accepts(event)
+
+
+class Config(_Strict):
+    host: str = Field(default_factory=_short_hostname, min_length=1)
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    smtp: SmtpConfig = Field(default_factory=SmtpConfig)
+    aliases: dict[str, Address] = Field(default_factory=dict)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    subscriptions: tuple[Subscription, ...] = ()
+
+    @field_validator("subscriptions")
+    @classmethod
+    def _unique_names(cls, subs: tuple[Subscription, ...]) -> tuple[Subscription, ...]:
+        names = [s.name for s in subs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"subscription name {dupes[0]!r} is used twice")
+        return subs
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Path | None:
+    """``--config``, then ``$OPSRELAY_CONFIG``, then the search path; None when nothing exists."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if env.get("OPSRELAY_CONFIG"):
+        return Path(env["OPSRELAY_CONFIG"])
+    for candidate in SEARCH_PATHS:
+        path = Path(candidate).expanduser()
+        if path.is_file():
+            return path
+    return None
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``OPSRELAY_SMTP__PASSWORD=x`` -> ``{"smtp": {"password": "x"}}``; JSON lists/objects are parsed."""
+    tree: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "OPSRELAY_CONFIG":
+            continue
+        keys = name[len(ENV_PREFIX):].lower().split("__")
+        value: Any = raw
+        if raw[:1] in "[{":
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[keys[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _one_line(exc: ValidationError) -> tuple[str, str]:
+    first = exc.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    key = key.replace("from_", "from")
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    more = exc.error_count() - 1
+    return key, message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, merge the environment over the file, validate. Raises ConfigError (one line)."""
+    env = os.environ if env is None else env
+    found = find_config(path, env)
+    where = str(found) if found else "(defaults)"
+    data: dict[str, Any] = {}
+    if found is not None:
+        try:
+            with found.open("rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError("no such file", path=where) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror or exc}", path=where) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", path=where) from None
+    overrides = _env_overrides(env)
+    if "password" in overrides.get("smtp", {}) and isinstance(data.get("smtp"), dict):
+        # The environment's password replaces the file's password source, whichever it was.
+        data["smtp"] = {k: v for k, v in data["smtp"].items() if k != "password_file"}
+    data = _merge(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        key, message = _one_line(exc)
+        raise ConfigError(message, path=where, key=key) from None

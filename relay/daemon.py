@@ -1,0 +1,185 @@
+"""``opsrelay serve``: subscriptions -> render -> outbound -> SMTP delivery.
+
+Two kinds of consumer run side by side on one engine: one per subscription
+queue (decode the event, apply the residual filter, render, queue the mail on
+outbound, then ack), and the outbound consumer (send, then apply the pure
+delivery plan: ack, republish to a retry queue, or dead-letter, then ack).
+A message is acked only after what replaces it is durable, so a crash at any
+point redelivers rather than loses. On stop the consumers stop taking work,
+what is in flight finishes (bounded), and the rest returns to its queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from relay.config import Config, Subscription
+from relay.delivery import DeadLetter, Decision, Delivered, Hold, Retry, decide
+from relay.engines.base import Delivery, Engine, Message
+from relay.errors import MessageDecodeError, RelayError
+from relay.event import decode_event, utcnow_iso
+from relay.mail import Attempt, OutboundMail, from_message, to_message
+from relay.render import Renderer
+from relay.smtp import Mailer, SendResult
+from relay.topology import (
+    Topology,
+    dead_queue,
+    full_topology,
+    outbound_queue,
+    retry_queue,
+    subscription_queue,
+)
+
+__all__ = ["Relay", "relay_topology"]
+
+log = logging.getLogger("opsrelay.relay")
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def relay_topology(config: Config) -> Topology:
+    return full_topology(
+        config.broker.prefix,
+        [(sub.name, sub.bindings()) for sub in config.subscriptions],
+        [_ms(step) for step in config.retry.backoff],
+    )
+
+
+def dead_letter(message: Message, *, reason: str, source: str, kind: str) -> Message:
+    """The message as it was, plus why and from where it was dead-lettered."""
+    headers = {**message.headers, "x-dead-reason": reason, "x-dead-at": utcnow_iso(),
+               "x-dead-from": source, "x-dead-kind": kind}
+    return Message(message.body, message.message_id, message.content_type, headers)
+
+
+class Relay:
+    def __init__(self, config: Config, engine: Engine, mailer: Mailer, *,
+                 renderer: Renderer | None = None, grace: float = 30.0) -> None:
+        self.config = config
+        self.engine = engine
+        self.mailer = mailer
+        self.renderer = renderer or Renderer(config)
+        self.grace = grace
+        self.prefix = config.broker.prefix
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.engine.declare(relay_topology(self.config))
+        consumers = [
+            asyncio.create_task(self._consume(subscription_queue(self.prefix, sub.name),
+                                              self._handler_for(sub), concurrency=4),
+                                name=f"sub:{sub.name}")
+            for sub in self.config.subscriptions
+        ]
+        consumers.append(asyncio.create_task(
+            self._consume(outbound_queue(self.prefix), self.handle_mail,
+                          concurrency=self.config.smtp.pool_size), name="outbound"))
+        log.info("relay: consuming %d subscription(s) and %s",
+                 len(self.config.subscriptions), outbound_queue(self.prefix))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopping, *consumers], return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopping}:
+                task.result()  # a consumer that died takes the relay down (and its supervisor restarts it)
+        finally:
+            stopping.cancel()
+            for task in consumers:
+                task.cancel()
+            await asyncio.gather(*consumers, return_exceptions=True)
+            await self._drain()
+
+    async def _drain(self) -> None:
+        if not self._inflight:
+            return
+        log.info("relay: finishing %d delivery(ies) in flight", len(self._inflight))
+        _, pending = await asyncio.wait(self._inflight, timeout=self.grace)
+        for task in pending:
+            # Not acked: the broker hands it to the next relay.
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _handler_for(self, sub: Subscription) -> Callable[[Delivery], Awaitable[None]]:
+        async def handle(delivery: Delivery) -> None:
+            await self.handle_event(sub, delivery)
+
+        return handle
+
+    async def _consume(self, queue: str, handler: Callable[[Delivery], Awaitable[None]], *,
+                       concurrency: int) -> None:
+        slots = asyncio.Semaphore(concurrency)
+        async for delivery in self.engine.consume(queue, prefetch=concurrency * 2):
+            await slots.acquire()
+            task = asyncio.create_task(self._settle(queue, handler, delivery))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(lambda _: slots.release())
+
+    async def _settle(self, queue: str, handler: Callable[[Delivery], Awaitable[None]],
+                      delivery: Delivery) -> None:
+        try:
+            await handler(delivery)
+        except MessageDecodeError as exc:
+            log.error("relay: %s: message %s cannot be read, dead-lettered: %s",
+                      queue, delivery.message.message_id or "(no id)", exc)
+            await self.engine.send(dead_queue(self.prefix),
+                                   dead_letter(delivery.message, reason=str(exc), source=queue, kind="invalid"))
+            await delivery.ack()
+        except RelayError as exc:
+            # The broker went away mid-way: leave it unacked, it comes back.
+            log.error("relay: %s: %s; message %s left for redelivery", queue, exc, delivery.message.message_id)
+            with contextlib.suppress(RelayError):
+                await delivery.reject(requeue=True)
+
+    async def handle_event(self, sub: Subscription, delivery: Delivery) -> None:
+        event = decode_event(delivery.message.body)
+        if not sub.accepts(event):
+            log.debug("relay: %s: event %s filtered out", sub.name, event.id)
+            await delivery.ack()
+            return
+        mail = self.renderer.render(sub, event)
+        await self.engine.send(outbound_queue(self.prefix), to_message(mail))
+        log.info("relay: %s: event %s (%s %s) queued as mail %s to %d recipient(s)",
+                 sub.name, event.id, event.program, event.state, mail.message_id, len(mail.recipients))
+        await delivery.ack()
+
+    async def handle_mail(self, delivery: Delivery) -> None:
+        mail = from_message(delivery.message)
+        attempt = mail.attempts + 1
+        outcome: SendResult | RelayError
+        try:
+            outcome = await self.mailer.send(mail.sender, mail.recipients, mail.raw)
+        except RelayError as exc:
+            outcome = exc
+        plan = decide(outcome, mail.recipients, attempt, self.config.retry, holds=mail.holds)
+        for decision in plan:
+            await self._apply(mail, attempt, decision)
+        await delivery.ack()
+
+    async def _apply(self, mail: OutboundMail, attempt: int, decision: Decision) -> None:
+        rcpts = decision.recipients
+        what = f"mail {mail.message_id} attempt {attempt} to {len(rcpts)} recipient(s)"
+        if isinstance(decision, Delivered):
+            log.info("relay: %s delivered: %s", what, decision.reply)
+            return
+        if isinstance(decision, Retry):
+            log.warning("relay: %s failed for now (%s); retry in %gs", what, decision.reason, decision.delay)
+            later = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts), recipients=rcpts)
+            await self.engine.send(retry_queue(self.prefix, _ms(decision.delay)), to_message(later))
+        elif isinstance(decision, Hold):
+            log.error("relay: DELIVERY HELD: %s; mail %s waits, retry in %gs (fix the smarthost or config)",
+                      decision.fault, mail.message_id, decision.delay)
+            later = mail.after(Attempt(utcnow_iso(), f"held: {decision.fault}", rcpts),
+                               recipients=rcpts, held=True)
+            await self.engine.send(retry_queue(self.prefix, _ms(decision.delay)),
+                                   to_message(later, **{"x-held": decision.fault}))
+        else:
+            assert isinstance(decision, DeadLetter)
+            log.error("relay: %s dead-lettered: %s", what, decision.reason)
+            final = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts), recipients=rcpts)
+            await self.engine.send(dead_queue(self.prefix), dead_letter(
+                to_message(final), reason=decision.reason, source=outbound_queue(self.prefix), kind="mail"))

@@ -1,0 +1,114 @@
+"""The one exception tree of opsrelay.
+
+Each library's exceptions are translated into these at exactly one boundary
+(aio-pika in ``relay.engines.amqp``, aiosmtplib in ``relay.smtp``, TOML and
+pydantic in ``relay.config``), so the rest of the code decides on our classes::
+
+    RelayError
+    ├── TransientError            retry later with backoff (4xx, timeouts, refused connections)
+    │   ├── SMTPTemporaryError
+    │   ├── SMTPConnectError      (also a builtin ConnectionError)
+    │   ├── SMTPTimeoutError      (also a builtin TimeoutError)
+    │   └── BrokerUnavailable     (also a builtin ConnectionError)
+    ├── PermanentError            dead-letter at once, with the reason (5xx, undecodable message)
+    │   ├── SMTPPermanentError
+    │   └── MessageDecodeError
+    ├── ConfigurationError        our fault or the smarthost's, never the mail's: fail at start,
+    │   ├── ConfigError           or during delivery hold the mail and alert, never dead-letter it
+    │   └── SMTPSecurityError     (STARTTLS not offered, certificate refused, AUTH rejected)
+    └── ProtocolError             a peer broke its protocol (supervisord eventlistener stream)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerUnavailable",
+    "ConfigError",
+    "ConfigurationError",
+    "MessageDecodeError",
+    "PermanentError",
+    "ProtocolError",
+    "RelayError",
+    "SMTPConnectError",
+    "SMTPPermanentError",
+    "SMTPSecurityError",
+    "SMTPTemporaryError",
+    "SMTPTimeoutError",
+    "TransientError",
+]
+
+
+class RelayError(Exception):
+    """Root of every error opsrelay raises on purpose."""
+
+
+class TransientError(RelayError):
+    """The same action may succeed later: retry with backoff."""
+
+
+class PermanentError(RelayError):
+    """Retrying cannot help: dead-letter the message with this reason."""
+
+
+class ConfigurationError(RelayError):
+    """Our configuration or the smarthost's setup is wrong, not the message."""
+
+
+class ProtocolError(RelayError):
+    """A peer sent something its protocol does not allow."""
+
+
+class SMTPReplyMixin:
+    """Carries the server's reply so that dead letters and logs can show it."""
+
+    code: int
+    reply: str
+
+    def _set_reply(self, code: int, reply: str) -> None:
+        self.code = code
+        self.reply = reply
+
+
+class SMTPTemporaryError(TransientError, SMTPReplyMixin):
+    def __init__(self, code: int, reply: str) -> None:
+        super().__init__(f"{code} {reply}")
+        self._set_reply(code, reply)
+
+
+class SMTPPermanentError(PermanentError, SMTPReplyMixin):
+    def __init__(self, code: int, reply: str) -> None:
+        super().__init__(f"{code} {reply}")
+        self._set_reply(code, reply)
+
+
+class SMTPConnectError(TransientError, ConnectionError):
+    """The smarthost could not be reached."""
+
+
+class SMTPTimeoutError(TransientError, TimeoutError):
+    """The smarthost did not answer in time."""
+
+
+class BrokerUnavailable(TransientError, ConnectionError):
+    """The broker could not be reached or did not confirm in time."""
+
+
+class MessageDecodeError(PermanentError, ValueError):
+    """A message on a queue is not one we can read; it must not loop."""
+
+
+class SMTPSecurityError(ConfigurationError):
+    """TLS or AUTH could not be set up as configured; nothing was sent."""
+
+
+class ConfigError(ConfigurationError, ValueError):
+    """The configuration file or environment is invalid.
+
+    ``str(err)`` is one line naming the file, the key and the problem.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
+        where = ", ".join(part for part in (path, key) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.path = path
+        self.key = key

@@ -1,0 +1,191 @@
+"""Routing keys, AMQP topic matching and subscription selectors, all pure.
+
+Keys are ``proc.<host>.<group>.<process>.<STATE>``. Each word is
+percent-encoded (everything but ``A-Z a-z 0-9 _ -``) so that a name holding
+``.``, ``*``, ``#``, ``%``, spaces or non-ASCII stays one word.
+
+AMQP caps a routing key at 255 bytes (a shortstr). A word whose encoding is
+longer than :data:`MAX_WORD` bytes is cut and ends in ``~`` plus 8 hex digits of
+the SHA-256 of the whole name, so the key stays at most 4 + 3*60 + 8 + 4 = 196
+bytes and two long names still get different words. The full names always
+travel in the event body; a cut word cannot be decoded, only matched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from relay.event import STATES
+
+__all__ = [
+    "MAX_WORD",
+    "Selector",
+    "decode_word",
+    "encode_word",
+    "event_key",
+    "split_key",
+    "topic_matches",
+]
+
+MAX_WORD = 60
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_GLOB = frozenset("*?[")
+
+
+def encode_word(name: str) -> str:
+    encoded = "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in name.encode("utf-8"))
+    if len(encoded) <= MAX_WORD:
+        return encoded
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    cut = MAX_WORD - 9
+    # Never end inside a %XX escape.
+    if "%" in encoded[cut - 2 : cut]:
+        cut = encoded.rindex("%", cut - 2, cut)
+    return f"{encoded[:cut]}~{digest}"
+
+
+def decode_word(word: str) -> str:
+    if "~" in word:
+        raise ValueError(f"routing-key word {word!r} was shortened and cannot be decoded")
+    raw = bytearray()
+    i = 0
+    while i < len(word):
+        ch = word[i]
+        if ch == "%":
+            try:
+                raw.append(int(word[i + 1 : i + 3], 16))
+            except ValueError:
+                raise ValueError(f"bad percent escape in routing-key word {word!r}") from None
+            i += 3
+        else:
+            raw.extend(ch.encode("utf-8"))
+            i += 1
+    return raw.decode("utf-8")
+
+
+def event_key(host: str, group: str, process: str, state: str) -> str:
+    return ".".join(["proc", *(encode_word(w) for w in (host, group, process)), encode_word(state)])
+
+
+def split_key(key: str) -> list[str]:
+    """Words of a key or pattern as RabbitMQ splits them: ``""`` has none, ``"a."`` has two."""
+    return key.split(".") if key else []
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic match: ``*`` is exactly one word, ``#`` zero or more."""
+    pat, words = split_key(pattern), split_key(key)
+    # reachable[j]: pattern prefix consumed so far can end right before word j.
+    reachable = [True] + [False] * len(words)
+    for p in pat:
+        if p == "#":
+            nxt, seen = [], False
+            for r in reachable:
+                seen = seen or r
+                nxt.append(seen)
+        else:
+            nxt = [False] + [
+                reachable[j] and (p == "*" or p == words[j]) for j in range(len(words))
+            ]
+        reachable = nxt
+    return reachable[-1]
+
+
+class _EventFields(Protocol):
+    @property
+    def host(self) -> str: ...
+    @property
+    def group(self) -> str: ...
+    @property
+    def process(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def expected(self) -> bool | None: ...
+
+
+def _word_or_star(value: str) -> str:
+    return "*" if value == "*" or _GLOB & set(value) else encode_word(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """crashmail-style selection: ``programs`` as ``name``, ``group:name`` or globs.
+
+    Compiles to the narrowest AMQP bindings; what a binding cannot express (a
+    glob inside a word, ``unexpected_only``) is checked by :meth:`accepts` after
+    consumption.
+    """
+
+    programs: tuple[str, ...] = ("*",)
+    hosts: tuple[str, ...] = ("*",)
+    states: tuple[str, ...] = STATES
+    unexpected_only: bool = False
+
+    def bindings(self) -> tuple[str, ...]:
+        out: dict[str, None] = {}
+        for host in self.hosts:
+            for group, process in (_split_program(p) for p in self.programs):
+                for state in self.states:
+                    words = ["proc", _word_or_star(host), _word_or_star(group),
+                             _word_or_star(process), _word_or_star(state)]
+                    out[".".join(words)] = None
+        return tuple(out)
+
+    def accepts(self, event: _EventFields) -> bool:
+        if self.unexpected_only and event.expected is True:
+            return False
+        if not _any_glob(self.hosts, event.host) or not _any_glob(self.states, event.state):
+            return False
+        return any(
+            fnmatch.fnmatchcase(event.group, group) and fnmatch.fnmatchcase(event.process, process)
+            for group, process in map(_split_program, self.programs)
+        )
+
+
+def _split_program(program: str) -> tuple[str, str]:
+    """crashmail's rule: ``name`` matches that process in any group; ``group:name`` in one group."""
+    if program == "*":
+        return "*", "*"
+    group, sep, process = program.partition(":")
+    return (group, process or "*") if sep else ("*", program)
+
+
+def _any_glob(patterns: Iterable[str], value: str) -> bool:
+    return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+
+def validate_pattern(pattern: str) -> str:
+    """Raise ValueError for a pattern RabbitMQ would take but that can never match our keys."""
+    if len(pattern.encode("utf-8")) > 255:
+        raise ValueError("a binding pattern is at most 255 bytes")
+    return pattern
+
+
+def matching(patterns: Sequence[str], key: str) -> bool:
+    return any(topic_matches(p, key) for p in patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFields:
+    host: str
+    group: str
+    process: str
+    state: str
+    expected: bool | None = None
+
+
+def key_fields(key: str) -> KeyFields | None:
+    """The names in a ``proc.`` key, or None when it is not one or a word was shortened."""
+    words = split_key(key)
+    if len(words) != 5 or words[0] != "proc":
+        return None
+    try:
+        host, group, process, state = (decode_word(w) for w in words[1:])
+    except ValueError:
+        return None
+    return KeyFields(host, group, process, state)

@@ -1,0 +1,139 @@
+"""Exchange and queue names and arguments, as pure functions.
+
+The whole layout is built here once and declared by an engine idempotently,
+so the listener and the relay can never declare the same name differently
+(RabbitMQ answers PRECONDITION_FAILED when arguments differ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TypeVar
+
+__all__ = [
+    "BindingSpec",
+    "ExchangeKind",
+    "ExchangeSpec",
+    "QueueSpec",
+    "Topology",
+    "dead_queue",
+    "event_topology",
+    "events_exchange",
+    "full_topology",
+    "outbound_queue",
+    "retry_queue",
+    "subscription_queue",
+    "unrouted_exchange",
+    "unrouted_queue",
+]
+
+
+def events_exchange(prefix: str) -> str:
+    return f"{prefix}.events"
+
+
+def unrouted_exchange(prefix: str) -> str:
+    return f"{prefix}.unrouted"
+
+
+def unrouted_queue(prefix: str) -> str:
+    return f"{prefix}.unrouted"
+
+
+def subscription_queue(prefix: str, name: str) -> str:
+    return f"{prefix}.sub.{name}"
+
+
+def outbound_queue(prefix: str) -> str:
+    return f"{prefix}.outbound"
+
+
+def retry_queue(prefix: str, delay_ms: int) -> str:
+    return f"{prefix}.retry.{delay_ms}ms"
+
+
+def dead_queue(prefix: str) -> str:
+    return f"{prefix}.dead"
+
+
+class ExchangeKind(StrEnum):
+    TOPIC = "topic"
+    FANOUT = "fanout"
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    name: str
+    kind: ExchangeKind
+    alternate: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    # Per-queue TTL, then dead-lettered to ``dead_letter_to`` through the default exchange.
+    ttl_ms: int | None = None
+    dead_letter_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BindingSpec:
+    queue: str
+    exchange: str
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    exchanges: tuple[ExchangeSpec, ...] = ()
+    queues: tuple[QueueSpec, ...] = ()
+    bindings: tuple[BindingSpec, ...] = field(default=())
+
+    def __add__(self, other: Topology) -> Topology:
+        return Topology(
+            _unique(self.exchanges + other.exchanges),
+            _unique(self.queues + other.queues),
+            _unique(self.bindings + other.bindings),
+        )
+
+
+_T = TypeVar("_T")
+
+
+def _unique(items: Iterable[_T]) -> tuple[_T, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def event_topology(prefix: str) -> Topology:
+    """What a publisher of events needs: the topic exchange and where unmatched events go."""
+    unrouted = unrouted_exchange(prefix)
+    return Topology(
+        exchanges=(
+            ExchangeSpec(unrouted, ExchangeKind.FANOUT),
+            ExchangeSpec(events_exchange(prefix), ExchangeKind.TOPIC, alternate=unrouted),
+        ),
+        queues=(QueueSpec(unrouted_queue(prefix)),),
+        bindings=(BindingSpec(unrouted_queue(prefix), unrouted, "#"),),
+    )
+
+
+def full_topology(
+    prefix: str,
+    subscriptions: Sequence[tuple[str, Sequence[str]]],
+    retry_delays_ms: Sequence[int],
+) -> Topology:
+    """Everything the relay consumes from: subscriptions, outbound, retry steps, dead letters."""
+    outbound = outbound_queue(prefix)
+    queues = [QueueSpec(outbound), QueueSpec(dead_queue(prefix))]
+    queues += [
+        QueueSpec(retry_queue(prefix, d), ttl_ms=d, dead_letter_to=outbound)
+        for d in sorted(set(retry_delays_ms))
+    ]
+    bindings = []
+    for name, patterns in subscriptions:
+        queue = subscription_queue(prefix, name)
+        queues.append(QueueSpec(queue))
+        bindings += [BindingSpec(queue, events_exchange(prefix), p) for p in patterns]
+    return event_topology(prefix) + Topology((), tuple(queues), tuple(bindings))
