@@ -36,6 +36,7 @@ class EnginePublisher:
 
     async def _publish(self, event: Event) -> None:
         if not self._declared:
+            await self._engine.connect()
             await self._engine.declare(event_topology(self.prefix))
             self._declared = True
         message = Message(encode_event(event), message_id=event.id, content_type=CONTENT_TYPE)

@@ -58,7 +58,10 @@ def listen(config: ConfigOption = None,
     _logging(verbose)
     # UTF-8 whatever the locale, newlines untouched: supervisord's len: counts characters.
     stdin, stdout = text_streams(sys.stdin.buffer, sys.stdout.buffer)
-    publisher = EnginePublisher(cfg.broker.url, cfg.broker.prefix, timeout=cfg.broker.confirm_timeout)
+    try:
+        publisher = EnginePublisher(cfg.broker.url, cfg.broker.prefix, timeout=cfg.broker.confirm_timeout)
+    except ConfigurationError as exc:
+        _fail(f"config error: {exc}", EX_CONFIG)
     try:
         code = run(stdin, stdout, publisher, host=cfg.host)
     finally:
@@ -197,7 +200,10 @@ def routes(key: Annotated[str, typer.Argument(help="a routing key, e.g. proc.web
         typer.echo(json.dumps(reached, indent=2))
         return
     hits = [r for r in reached if r["reached"]]
-    if not hits:
+    bound = [r["subscription"] for r in reached if r["bindings"]]
+    if not hits and bound:
+        typer.echo(f"{key}: no subscription (bound to {', '.join(bound)} but filtered out there, then dropped)")
+    elif not hits:
         typer.echo(f"{key}: no subscription (kept in {cfg.broker.prefix}.unrouted)")
     for r in hits:
         typer.echo(f"{key} -> {r['subscription']} (binding {r['bindings'][0]})")

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from relay.durations import parse_duration
+from relay.engines.base import mask_url
 from relay.errors import ConfigError
 from relay.event import STATES
 from relay.routing import Selector
@@ -82,6 +83,11 @@ class BrokerConfig(_Strict):
     prefix: str = Field(default="opsrelay", pattern=NAME_PATTERN)
     # How long a publisher waits for the broker to confirm before calling it unavailable.
     confirm_timeout: Duration = 5.0
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        # An amqp URL may hold a password: never in a repr or a log line.
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name == "url" else value
 
     @field_validator("url")
     @classmethod
@@ -245,7 +251,8 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     """``OPSRELAY_SMTP__PASSWORD=x`` -> ``{"smtp": {"password": "x"}}``; JSON lists/objects are parsed."""
     tree: dict[str, Any] = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "OPSRELAY_CONFIG":
+        # OPSRELAY_CONFIG names the file; OPSRELAY_TEST_* belong to the test suite.
+        if not name.startswith(ENV_PREFIX) or name == "OPSRELAY_CONFIG" or name.startswith("OPSRELAY_TEST_"):
             continue
         keys = name[len(ENV_PREFIX):].lower().split("__")
         value: Any = raw

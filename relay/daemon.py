@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from relay.config import Config, Subscription
 from relay.delivery import DeadLetter, Decision, Delivered, Hold, Retry, decide
 from relay.engines.base import Delivery, Engine, Message
-from relay.errors import MessageDecodeError, RelayError
+from relay.errors import PermanentError, RelayError
 from relay.event import decode_event, utcnow_iso
 from relay.mail import Attempt, OutboundMail, from_message, to_message
 from relay.render import Renderer
@@ -123,8 +123,8 @@ class Relay:
                       delivery: Delivery) -> None:
         try:
             await handler(delivery)
-        except MessageDecodeError as exc:
-            log.error("relay: %s: message %s cannot be read, dead-lettered: %s",
+        except PermanentError as exc:
+            log.error("relay: %s: message %s cannot be handled, dead-lettered: %s",
                       queue, delivery.message.message_id or "(no id)", exc)
             await self.engine.send(dead_queue(self.prefix),
                                    dead_letter(delivery.message, reason=str(exc), source=queue, kind="invalid"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["format_duration", "parse_duration"]
@@ -21,6 +22,8 @@ def parse_duration(value: str | float) -> float:
         if not match:
             raise ValueError(f"{value!r} is not a duration (use e.g. '500ms', '30s', '2m', '1h', '1d')")
         seconds = float(match[1]) * _UNITS[match[2] or "s"]
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be a finite number of seconds (not nan or inf)")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds

@@ -99,5 +99,10 @@ def decode_event(body: bytes) -> Event:
         # bool is an int subclass: a pid of true is not a pid.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise MessageDecodeError(f"event field {name!r} has the wrong type {type(value).__name__}")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MessageDecodeError(f"event field {name!r} is not valid Unicode (lone surrogate)") from None
         values[name] = value
     return Event(**values)

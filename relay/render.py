@@ -17,7 +17,7 @@ import jinja2
 import jinja2.sandbox
 
 from relay.config import Config, Subscription
-from relay.errors import ConfigError
+from relay.errors import ConfigError, PermanentError
 from relay.event import Event
 from relay.mail import OutboundMail, build_message, clean_header
 
@@ -32,6 +32,9 @@ _SUMMARIES = {
     "FATAL": "could not be started (FATAL)",
     "UNKNOWN": "is in an unknown state",
 }
+# Rendered once at start: StrictUndefined reports a typo'd variable only when rendering.
+_SAMPLE = Event(host="web1", group="workers", process="worker_03", event="PROCESS_STATE_EXITED", state="EXITED",
+                from_state="RUNNING", expected=False, pid=4242, tries=0, log_tail="last line")
 _MESSAGE_IDS = uuid.UUID("6f7073e2-7265-4c61-b900-000000000001")
 
 
@@ -78,11 +81,16 @@ class Renderer:
             )
 
     def _compile(self, sub: Subscription, which: str, source: str) -> jinja2.Template:
+        key = f"subscriptions.{sub.name}.{which}"
         try:
-            return self._env.from_string(source)
+            template = self._env.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
-            raise ConfigError(f"template error on line {exc.lineno}: {exc.message}",
-                              key=f"subscriptions.{sub.name}.{which}") from None
+            raise ConfigError(f"template error on line {exc.lineno}: {exc.message}", key=key) from None
+        try:
+            template.render(event_context(_SAMPLE))
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"template fails on a sample event: {exc}", key=key) from None
+        return template
 
     def render(self, sub: Subscription, event: Event) -> OutboundMail:
         subject_t, body_t = self._templates[sub.name]
@@ -90,7 +98,8 @@ class Renderer:
         try:
             subject, body = subject_t.render(context), body_t.render(context)
         except jinja2.TemplateError as exc:
-            raise ConfigError(f"template failed: {exc}", key=f"subscriptions.{sub.name}") from None
+            # Fine on the sample at start, fails on this event: the event goes to dead letters.
+            raise PermanentError(f"subscription {sub.name}: template failed on this event: {exc}") from None
         # Stable across redeliveries of the same event: duplicates can be recognised.
         mail_id = str(uuid.uuid5(_MESSAGE_IDS, f"{event.id}/{sub.name}"))
         sender = default_sender(self.config)

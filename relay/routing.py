@@ -56,10 +56,10 @@ def decode_word(word: str) -> str:
     while i < len(word):
         ch = word[i]
         if ch == "%":
-            try:
-                raw.append(int(word[i + 1 : i + 3], 16))
-            except ValueError:
-                raise ValueError(f"bad percent escape in routing-key word {word!r}") from None
+            hexdigits = word[i + 1 : i + 3]
+            if len(hexdigits) != 2 or not all(c in "0123456789abcdefABCDEF" for c in hexdigits):
+                raise ValueError(f"bad percent escape in routing-key word {word!r}")
+            raw.append(int(hexdigits, 16))
             i += 3
         else:
             raw.extend(ch.encode("utf-8"))

@@ -1,0 +1,358 @@
+"""The SQL of the embedded engine: schema, routing, leases and TTL, all synchronous.
+
+Every function takes the engine's connection and runs in its worker thread.
+Writers open ``BEGIN IMMEDIATE`` so that two processes never both read and then
+both take the same row; WAL readers never block them. A message row is written
+and deleted in one transaction, so a killed process leaves whole rows or none.
+
+A row is *ready* when ``owner`` is NULL; taking it writes the taker's token into
+``owner`` (the lease); ack deletes it, requeue clears ``owner`` again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from enum import Enum
+
+from relay.engines.base import HeaderValue, Message
+from relay.errors import ConfigurationError
+from relay.routing import topic_matches
+from relay.topology import ExchangeKind, Topology
+
+__all__ = [
+    "Row",
+    "Settle",
+    "connect",
+    "declare",
+    "depth",
+    "expire",
+    "foreign_owners",
+    "next_due",
+    "publish",
+    "release",
+    "require_queue",
+    "settle",
+    "take",
+]
+
+SCHEMA_VERSION = 1
+# Expired rows moved per pass; the rest go on the next pass (their due time is already past).
+_EXPIRE_BATCH = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS exchanges (
+    name TEXT PRIMARY KEY, kind TEXT NOT NULL, alternate TEXT);
+CREATE TABLE IF NOT EXISTS queues (
+    name TEXT PRIMARY KEY, ttl_ms INTEGER, dead_letter_to TEXT);
+CREATE TABLE IF NOT EXISTS bindings (
+    exchange TEXT NOT NULL, queue TEXT NOT NULL, pattern TEXT NOT NULL,
+    PRIMARY KEY (exchange, queue, pattern));
+-- AUTOINCREMENT: ids never come back, so ORDER BY id is arrival order for ever.
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    body BLOB NOT NULL,
+    message_id TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    redelivered INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER,
+    owner TEXT);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, owner, id);
+CREATE INDEX IF NOT EXISTS messages_owner ON messages (owner) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_due ON messages (expires_at)
+    WHERE expires_at IS NOT NULL AND owner IS NULL;
+"""
+
+_COLUMNS = "id, body, message_id, content_type, headers, routing_key, redelivered"
+_INSERT = "INSERT INTO messages (queue, body, message_id, content_type, headers, routing_key, expires_at)"
+_EXCHANGE = "SELECT kind, alternate FROM exchanges WHERE name = ?"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: int
+    message: Message
+    redelivered: bool
+
+
+def now_ms() -> int:
+    # Wall clock, not monotonic: every process on the host must agree on due times.
+    return time.time_ns() // 1_000_000
+
+
+def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """Open (creating 0600) the database, in WAL mode with fsync on every commit."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size == 0:
+            os.fchmod(fd, 0o600)  # ours and new: exact mode whatever the umask
+    finally:
+        os.close(fd)
+    # isolation_level=None: no implicit transactions, we open our own.
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")  # persistent in the file; set once
+        # WAL + FULL: each commit fsyncs the WAL, so a returned publish survives power loss.
+        conn.execute("PRAGMA synchronous = FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigurationError(f"{path} was written by a newer opsrelay (schema {version})")
+        if version < SCHEMA_VERSION:
+            # Not executescript(): it commits first, and the schema must be made under the write lock.
+            with _immediate(conn):
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that takes the write lock up front (waiting up to busy_timeout)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # Some errors (SQLITE_FULL, I/O) already rolled back; a second ROLLBACK would hide them.
+        if conn.in_transaction:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
+def declare(conn: sqlite3.Connection, topology: Topology) -> None:
+    with _immediate(conn):
+        for ex in topology.exchanges:
+            if ex.name == "":
+                raise ConfigurationError("the default exchange cannot be declared")
+            found = conn.execute(_EXCHANGE, (ex.name,)).fetchone()
+            if found is None:
+                conn.execute("INSERT INTO exchanges VALUES (?, ?, ?)", (ex.name, ex.kind.value, ex.alternate))
+            elif tuple(found) != (ex.kind.value, ex.alternate):
+                # RabbitMQ answers PRECONDITION_FAILED here; so do we.
+                raise ConfigurationError(
+                    f"exchange {ex.name!r} exists as {found[0]} (alternate {found[1]!r}), "
+                    f"declared as {ex.kind.value} (alternate {ex.alternate!r})"
+                )
+        for q in topology.queues:
+            found = conn.execute(
+                "SELECT ttl_ms, dead_letter_to FROM queues WHERE name = ?", (q.name,)
+            ).fetchone()
+            if found is None:
+                conn.execute("INSERT INTO queues VALUES (?, ?, ?)", (q.name, q.ttl_ms, q.dead_letter_to))
+            elif tuple(found) != (q.ttl_ms, q.dead_letter_to):
+                raise ConfigurationError(
+                    f"queue {q.name!r} exists with ttl_ms={found[0]} dead_letter_to={found[1]!r}, "
+                    f"declared with ttl_ms={q.ttl_ms} dead_letter_to={q.dead_letter_to!r}"
+                )
+        for b in topology.bindings:
+            if not _exists(conn, "exchanges", b.exchange):
+                raise ConfigurationError(f"cannot bind {b.queue!r}: no exchange {b.exchange!r}")
+            require_queue(conn, b.queue)
+            conn.execute("INSERT OR IGNORE INTO bindings VALUES (?, ?, ?)", (b.exchange, b.queue, b.pattern))
+
+
+def _exists(conn: sqlite3.Connection, table: str, name: str) -> bool:
+    return conn.execute(f"SELECT 1 FROM {table} WHERE name = ?", (name,)).fetchone() is not None  # noqa: S608
+
+
+def require_queue(conn: sqlite3.Connection, queue: str) -> None:
+    if not _exists(conn, "queues", queue):
+        raise ConfigurationError(f"no queue {queue!r} (declare the topology first)")
+
+
+def _route(conn: sqlite3.Connection, exchange: str, key: str) -> list[str]:
+    """Queues an exchange delivers ``key`` to, following alternate exchanges like RabbitMQ."""
+    if exchange == "":
+        require_queue(conn, key)
+        return [key]
+    found = conn.execute(_EXCHANGE, (exchange,)).fetchone()
+    if found is None:
+        raise ConfigurationError(f"no exchange {exchange!r} (declare the topology first)")
+    seen = {exchange}
+    while True:
+        kind, alternate = found
+        bound = conn.execute("SELECT queue, pattern FROM bindings WHERE exchange = ?", (exchange,)).fetchall()
+        queues = [q for q, p in bound if kind == ExchangeKind.FANOUT or topic_matches(p, key)]
+        if queues:
+            return list(dict.fromkeys(queues))
+        # An alternate exchange receives what no binding matched; a missing one drops it.
+        if alternate is None or alternate in seen:
+            return []
+        exchange = alternate
+        seen.add(exchange)
+        found = conn.execute(_EXCHANGE, (exchange,)).fetchone()
+        if found is None:
+            return []
+
+
+def publish(conn: sqlite3.Connection, exchange: str, key: str, message: Message) -> tuple[list[str], bool]:
+    """Store one row per destination queue; returns the queues and whether any has a TTL."""
+    headers = json.dumps(dict(message.headers), ensure_ascii=False, separators=(",", ":"))
+    now = now_ms()
+    with _immediate(conn):
+        queues = _route(conn, exchange, key)
+        if not queues:
+            # Like the AMQP engine's mandatory publish: never let a message vanish silently.
+            raise ConfigurationError(f"exchange {exchange!r} routes {key!r} to no queue")
+        has_ttl = False
+        for queue in queues:
+            ttl = conn.execute("SELECT ttl_ms FROM queues WHERE name = ?", (queue,)).fetchone()[0]
+            has_ttl = has_ttl or ttl is not None
+            conn.execute(
+                f"{_INSERT} VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (queue, message.body, message.message_id, message.content_type, headers, key,
+                 None if ttl is None else now + ttl),
+            )
+    return queues, has_ttl
+
+
+def _row(values: tuple[int, bytes, str, str, str, str, int]) -> Row:
+    row_id, body, message_id, content_type, headers, routing_key, redelivered = values
+    decoded: dict[str, HeaderValue] = json.loads(headers)
+    return Row(row_id, Message(body, message_id, content_type, decoded, routing_key), bool(redelivered))
+
+
+def take(conn: sqlite3.Connection, queue: str, owner: str, limit: int) -> tuple[list[Row], list[str]]:
+    """Lease up to ``limit`` ready rows of ``queue``, oldest first, after expiring due rows.
+
+    Returns the rows and the queues that expired rows moved into (to wake their consumers).
+    """
+    now = now_ms()
+    # Read first, without the write lock: an idle consumer's check must not block publishers.
+    busy = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM messages WHERE queue = ? AND owner IS NULL)"
+        " OR EXISTS (SELECT 1 FROM messages WHERE owner IS NULL AND expires_at <= ?)",
+        (queue, now),
+    ).fetchone()[0]
+    if not busy:
+        return [], []
+    with _immediate(conn):
+        moved = _expire(conn, now)
+        values = conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND owner IS NULL ORDER BY id LIMIT ?",  # noqa: S608
+            (queue, limit),
+        ).fetchall()
+        conn.executemany("UPDATE messages SET owner = ? WHERE id = ?", [(owner, v[0]) for v in values])
+    return [_row(v) for v in values], moved
+
+
+def expire(conn: sqlite3.Connection) -> list[str]:
+    """Dead-letter every ready row whose queue TTL has passed; returns the target queues."""
+    now = now_ms()
+    due = conn.execute(
+        "SELECT 1 FROM messages WHERE owner IS NULL AND expires_at <= ? LIMIT 1", (now,)
+    ).fetchone()
+    if due is None:
+        return []
+    with _immediate(conn):
+        return _expire(conn, now)
+
+
+def _expire(conn: sqlite3.Connection, now: int) -> list[str]:
+    ids = [r[0] for r in conn.execute(
+        "SELECT id FROM messages WHERE owner IS NULL AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
+        (now, _EXPIRE_BATCH),
+    )]
+    return _dead_letter(conn, ids, now)
+
+
+def _dead_letter(conn: sqlite3.Connection, ids: Sequence[int], now: int) -> list[str]:
+    """Move rows to their queue's ``dead_letter_to`` (or drop them when it has none).
+
+    As RabbitMQ with ``x-dead-letter-routing-key``: the row joins the tail of the
+    target queue, its routing key becomes the target's name, headers and
+    message_id stay, and the target's own TTL starts counting.
+    """
+    targets: dict[str, None] = {}
+    for row_id in ids:
+        target, ttl = conn.execute(
+            "SELECT t.name, t.ttl_ms FROM messages m JOIN queues q ON q.name = m.queue"
+            " LEFT JOIN queues t ON t.name = q.dead_letter_to WHERE m.id = ?",
+            (row_id,),
+        ).fetchone() or (None, None)
+        if target is not None:
+            conn.execute(
+                f"{_INSERT} SELECT ?, body, message_id, content_type, headers, ?, ?"  # noqa: S608
+                " FROM messages WHERE id = ?",
+                (target, target, None if ttl is None else now + ttl, row_id),
+            )
+            targets[target] = None
+        conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+    return list(targets)
+
+
+class Settle(Enum):
+    ACK = "ack"
+    REQUEUE = "requeue"
+    REJECT = "reject"
+
+
+def settle(conn: sqlite3.Connection, row_id: int, owner: str, how: Settle) -> list[str] | None:
+    """Apply ack or reject to a leased row: the queues to wake, or None if the lease is not ours."""
+    with _immediate(conn):
+        found = conn.execute("SELECT queue FROM messages WHERE id = ? AND owner = ?", (row_id, owner)).fetchone()
+        if found is None:
+            return None
+        if how is Settle.ACK:
+            conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+            return []
+        if how is Settle.REQUEUE:
+            conn.execute("UPDATE messages SET owner = NULL, redelivered = 1 WHERE id = ?", (row_id,))
+            return [str(found[0])]
+        # RabbitMQ dead-letters a message rejected without requeue when its queue has a target.
+        return _dead_letter(conn, [row_id], now_ms())
+
+
+def release(
+    conn: sqlite3.Connection, owners: Sequence[str], ids: Sequence[int] | None = None, *, redelivered: bool
+) -> list[str]:
+    """Return leased rows (all of ``owners``', or just ``ids``) to their queues; returns those queues."""
+    with _immediate(conn):
+        params: list[str | int]
+        if ids is None:
+            where, params = f"owner IN ({','.join('?' * len(owners))})", list(owners)
+        else:
+            where, params = f"owner = ? AND id IN ({','.join('?' * len(ids))})", [owners[0], *ids]
+        queues = [r[0] for r in conn.execute(f"SELECT DISTINCT queue FROM messages WHERE {where}", params)]  # noqa: S608
+        conn.execute(
+            f"UPDATE messages SET owner = NULL, redelivered = redelivered OR ? WHERE {where}",  # noqa: S608
+            [int(redelivered), *params],
+        )
+    return queues
+
+
+def foreign_owners(conn: sqlite3.Connection, me: str) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT DISTINCT owner FROM messages WHERE owner IS NOT NULL AND owner != ?", (me,)
+    )]
+
+
+def next_due(conn: sqlite3.Connection) -> int | None:
+    """Earliest TTL due time (unix ms) of a ready row, to sleep exactly until then."""
+    value = conn.execute(
+        "SELECT MIN(expires_at) FROM messages WHERE expires_at IS NOT NULL AND owner IS NULL"
+    ).fetchone()[0]
+    return None if value is None else int(value)
+
+
+def depth(conn: sqlite3.Connection, queue: str) -> int:
+    require_queue(conn, queue)
+    return int(conn.execute(
+        "SELECT COUNT(*) FROM messages WHERE queue = ? AND owner IS NULL", (queue,)
+    ).fetchone()[0])

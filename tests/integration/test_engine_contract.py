@@ -1,0 +1,428 @@
+"""One behavioural suite, run against every engine: the embedded SQLite queue and RabbitMQ.
+
+The amqp case needs a RabbitMQ at ``$OPSRELAY_TEST_AMQP_URL`` (default
+``amqp://guest:guest@127.0.0.1:5672/``): it fails when that is unreachable and
+``$CI`` is set, and skips otherwise. Every test names its exchanges and queues
+with a fresh prefix; what a test declared on RabbitMQ is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from relay.engines.base import Delivery, Engine, HeaderValue, Message
+from relay.errors import BrokerUnavailable, ConfigurationError
+from relay.topology import (
+    BindingSpec,
+    ExchangeKind,
+    ExchangeSpec,
+    QueueSpec,
+    Topology,
+    event_topology,
+    events_exchange,
+    unrouted_queue,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+AMQP_URL = os.environ.get("OPSRELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+WAIT = 5.0
+
+
+class Broker:
+    """Opens engines of one kind on one broker and undoes what the test declared."""
+
+    def __init__(self, kind: str, url: str) -> None:
+        self.kind = kind
+        self.url = url
+        self._engines: list[Engine] = []
+        self._declared: list[Topology] = []
+
+    def _new(self) -> Engine:
+        if self.kind == "amqp":
+            amqp = importlib.import_module("relay.engines.amqp")
+            engine: Engine = amqp.AmqpEngine(self.url)
+            return engine
+        from relay.engines.sqlite import SqliteEngine
+
+        return SqliteEngine(self.url)
+
+    async def open(self) -> Engine:
+        engine = self._new()
+        try:
+            await engine.connect()
+        except BrokerUnavailable as exc:
+            if self.kind == "amqp" and not os.environ.get("CI"):
+                pytest.skip(f"RabbitMQ unreachable: {exc}")
+            raise
+        self._engines.append(engine)
+        return engine
+
+    async def declare(self, engine: Engine, topology: Topology) -> None:
+        self._declared.append(topology)
+        await engine.declare(topology)
+
+    async def cleanup(self) -> None:
+        for engine in reversed(self._engines):
+            await engine.close()
+        if self.kind == "amqp" and self._declared:
+            import aio_pika
+
+            connection = await aio_pika.connect(self.url)
+            async with connection, connection.channel() as channel:
+                for topology in reversed(self._declared):
+                    for queue in topology.queues:
+                        await channel.queue_delete(queue.name)
+                    for exchange in topology.exchanges:
+                        await channel.exchange_delete(exchange.name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("amqp", marks=pytest.mark.rabbitmq)])
+async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broker]:
+    if request.param == "amqp":
+        # Only a missing module skips; a broken one must fail loudly.
+        if importlib.util.find_spec("relay.engines.amqp") is None:
+            pytest.skip("relay.engines.amqp is not written yet")
+        broker = Broker("amqp", AMQP_URL)
+    else:
+        broker = Broker("sqlite", f"sqlite:///{tmp_path}/queue.db")
+    yield broker
+    await broker.cleanup()
+
+
+@pytest.fixture
+async def engine(broker: Broker) -> Engine:
+    return await broker.open()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+def message(tag: str, **headers: HeaderValue) -> Message:
+    return Message(body=tag.encode(), message_id=f"{tag}-{uuid.uuid4()}", headers=headers)
+
+
+def tag(delivery: Delivery) -> str:
+    return delivery.message.body.decode()
+
+
+async def queues(broker: Broker, engine: Engine, *names: str) -> None:
+    await broker.declare(engine, Topology(queues=tuple(QueueSpec(n) for n in names)))
+
+
+async def drain(engine: Engine, queue: str) -> list[str]:
+    """Bodies of everything ready in ``queue``, oldest first, acked."""
+    found = []
+    while (delivery := await engine.get(queue)) is not None:
+        found.append(tag(delivery))
+        await delivery.ack()
+    return found
+
+
+async def settled_depth(engine: Engine, queue: str, expected: int) -> int:
+    """``depth`` once it equals ``expected`` or WAIT passed: RabbitMQ applies ack/reject asynchronously."""
+    deadline = time.monotonic() + WAIT
+    # Polling is the only way: AMQP has no "tell me when the count changes".
+    while (found := await engine.depth(queue)) != expected and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    return found
+
+
+@contextlib.asynccontextmanager
+async def consuming(
+    engine: Engine, queue: str, prefetch: int = 10
+) -> AsyncIterator[Callable[[], Awaitable[Delivery]]]:
+    """``next_delivery()`` for a consumer that is closed (unsettled deliveries returned) on exit."""
+    deliveries = engine.consume(queue, prefetch=prefetch)
+
+    async def next_delivery() -> Delivery:
+        return await asyncio.wait_for(anext(deliveries), WAIT)
+
+    try:
+        yield next_delivery
+    finally:
+        aclose = getattr(deliveries, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def test_topic_exchange_reaches_exactly_the_bound_queues(
+    broker: Broker, engine: Engine, prefix: str
+) -> None:
+    events = events_exchange(prefix)
+    one, tail, other = f"{prefix}.one", f"{prefix}.tail", f"{prefix}.other"
+    topology = event_topology(prefix) + Topology(
+        queues=(QueueSpec(one), QueueSpec(tail), QueueSpec(other)),
+        bindings=(
+            BindingSpec(one, events, "proc.*.x"),
+            BindingSpec(tail, events, "proc.#"),
+            BindingSpec(other, events, "other.*"),
+        ),
+    )
+    await broker.declare(engine, topology)
+
+    for key in ("proc.a.x", "proc.a.b.x", "proc", "other.a", "other.a.b", "nomatch"):
+        await engine.publish(events, key, message(key))
+
+    assert await drain(engine, one) == ["proc.a.x"]  # * is exactly one word
+    assert await drain(engine, tail) == ["proc.a.x", "proc.a.b.x", "proc"]  # # is zero or more
+    assert await drain(engine, other) == ["other.a"]
+    # What no binding matched goes through the alternate exchange, not into the void.
+    assert await drain(engine, unrouted_queue(prefix)) == ["other.a.b", "nomatch"]
+
+
+async def test_fanout_exchange_delivers_to_every_bound_queue(
+    broker: Broker, engine: Engine, prefix: str
+) -> None:
+    fan, first, second = f"{prefix}.fan", f"{prefix}.first", f"{prefix}.second"
+    await broker.declare(engine, Topology(
+        exchanges=(ExchangeSpec(fan, ExchangeKind.FANOUT),),
+        queues=(QueueSpec(first), QueueSpec(second)),
+        bindings=(BindingSpec(first, fan, "#"), BindingSpec(second, fan, "ignored.by.fanout")),
+    ))
+
+    await engine.publish(fan, "any.key", message("hello"))
+
+    assert await drain(engine, first) == ["hello"]
+    assert await drain(engine, second) == ["hello"]
+
+
+async def test_default_exchange_round_trips_every_field(broker: Broker, engine: Engine, prefix: str) -> None:
+    queue = f"{prefix}.direct"
+    await queues(broker, engine, queue)
+    sent = Message(
+        body=bytes(range(256)),
+        message_id=str(uuid.uuid4()),
+        content_type="message/rfc822",
+        headers={"text": "grüße", "count": 42, "yes": True, "no": False, "nothing": None},
+    )
+
+    await engine.send(queue, sent)
+    delivery = await engine.get(queue)
+
+    assert delivery is not None
+    assert delivery.message == Message(
+        sent.body, sent.message_id, sent.content_type, sent.headers, routing_key=queue
+    )
+    assert delivery.redelivered is False
+    await delivery.ack()
+
+
+@pytest.mark.parametrize("case", ["missing exchange", "missing queue", "no binding matches"])
+async def test_a_message_no_queue_takes_raises(
+    broker: Broker, engine: Engine, prefix: str, case: str
+) -> None:
+    topic = f"{prefix}.lonely"
+    await broker.declare(engine, Topology(exchanges=(ExchangeSpec(topic, ExchangeKind.TOPIC),)))
+    exchange, key = {
+        "missing exchange": (f"{prefix}.nowhere", "a.b"),
+        "missing queue": ("", f"{prefix}.nowhere"),
+        "no binding matches": (topic, "a.b"),
+    }[case]
+
+    with pytest.raises(ConfigurationError):
+        await engine.publish(exchange, key, message("lost"))
+
+
+async def test_ack_removes_the_message_for_good(broker: Broker, engine: Engine, prefix: str) -> None:
+    queue = f"{prefix}.acked"
+    await queues(broker, engine, queue)
+    await engine.send(queue, message("once"))
+
+    async with consuming(engine, queue) as next_delivery:
+        delivery = await next_delivery()
+        assert tag(delivery) == "once"
+        await delivery.ack()
+    await engine.close()
+
+    # A fresh connection sees nothing: the ack was not merely a local forget.
+    reopened = await broker.open()
+    assert await reopened.get(queue) is None
+    assert await reopened.depth(queue) == 0
+
+
+async def test_unsettled_deliveries_return_when_the_engine_closes(
+    broker: Broker, engine: Engine, prefix: str
+) -> None:
+    queue = f"{prefix}.unsettled"
+    await queues(broker, engine, queue)
+    await engine.send(queue, message("pending"))
+
+    async with consuming(engine, queue) as next_delivery:
+        assert tag(await next_delivery()) == "pending"
+    await engine.close()
+
+    reopened = await broker.open()
+    delivery = await reopened.get(queue)
+    assert delivery is not None
+    assert (tag(delivery), delivery.redelivered) == ("pending", True)
+    await delivery.ack()
+
+
+async def test_reject_with_requeue_redelivers(broker: Broker, engine: Engine, prefix: str) -> None:
+    queue = f"{prefix}.requeue"
+    await queues(broker, engine, queue)
+    sent = message("again")
+    await engine.send(queue, sent)
+
+    async with consuming(engine, queue) as next_delivery:
+        first = await next_delivery()
+        assert (first.message.message_id, first.redelivered) == (sent.message_id, False)
+        await first.reject(requeue=True)
+        second = await next_delivery()
+        assert (second.message.message_id, second.redelivered) == (sent.message_id, True)
+        assert second.message.body == sent.body
+        await second.ack()
+
+    assert await settled_depth(engine, queue, 0) == 0
+
+
+async def test_reject_without_requeue_drops(broker: Broker, engine: Engine, prefix: str) -> None:
+    queue = f"{prefix}.drop"
+    await queues(broker, engine, queue)
+    await engine.send(queue, message("unwanted"))
+
+    delivery = await engine.get(queue)
+    assert delivery is not None
+    await delivery.reject(requeue=False)
+    await engine.close()
+
+    reopened = await broker.open()
+    assert await reopened.get(queue) is None
+
+
+async def test_reject_without_requeue_dead_letters_when_the_queue_says_so(
+    broker: Broker, engine: Engine, prefix: str
+) -> None:
+    source, target = f"{prefix}.source", f"{prefix}.target"
+    topology = Topology(queues=(QueueSpec(target), QueueSpec(source, dead_letter_to=target)))
+    await broker.declare(engine, topology)
+    await engine.send(source, message("refused"))
+
+    delivery = await engine.get(source)
+    assert delivery is not None
+    await delivery.reject(requeue=False)
+
+    assert await settled_depth(engine, target, 1) == 1
+    assert await drain(engine, target) == ["refused"]
+    assert await engine.depth(source) == 0
+
+
+async def test_ttl_queue_dead_letters_into_its_target(broker: Broker, engine: Engine, prefix: str) -> None:
+    target, delayed = f"{prefix}.outbound", f"{prefix}.retry.300ms"
+    await broker.declare(engine, Topology(queues=(
+        QueueSpec(target), QueueSpec(delayed, ttl_ms=300, dead_letter_to=target),
+    )))
+    sent = message("later", attempt=3, reason="451 try again")
+
+    async with consuming(engine, target) as next_delivery:
+        started = time.monotonic()
+        await engine.send(delayed, sent)
+        assert await engine.depth(delayed) == 1
+        assert await engine.depth(target) == 0
+        delivery = await next_delivery()
+        waited = time.monotonic() - started
+        await delivery.ack()
+
+    assert waited >= 0.25, "the message must wait out the queue's TTL"
+    got = delivery.message
+    assert (got.body, got.message_id, got.content_type) == (sent.body, sent.message_id, sent.content_type)
+    # RabbitMQ adds its own x-death header when dead-lettering; ours must all be there.
+    assert {k: got.headers.get(k) for k in sent.headers} == dict(sent.headers)
+    assert got.routing_key == target
+    assert delivery.redelivered is False
+    assert await engine.depth(delayed) == 0
+
+
+async def test_depth_counts_ready_messages_and_get_takes_one(
+    broker: Broker, engine: Engine, prefix: str
+) -> None:
+    queue = f"{prefix}.depth"
+    await queues(broker, engine, queue)
+    assert await engine.get(queue) is None
+    for name in ("m1", "m2", "m3"):
+        await engine.send(queue, message(name))
+    assert await engine.depth(queue) == 3
+
+    taken = await engine.get(queue)
+    assert taken is not None
+    assert tag(taken) == "m1"
+    assert await engine.depth(queue) == 2  # taken, not settled: not ready either
+    await taken.reject(requeue=True)
+    assert await settled_depth(engine, queue, 3) == 3
+
+    again = await engine.get(queue)
+    assert again is not None
+    assert (tag(again), again.redelivered) == ("m1", True)
+    await again.ack()
+    assert await drain(engine, queue) == ["m2", "m3"]
+    assert await engine.depth(queue) == 0
+
+
+async def test_prefetch_bounds_unsettled_deliveries(broker: Broker, engine: Engine, prefix: str) -> None:
+    queue = f"{prefix}.prefetch"
+    await queues(broker, engine, queue)
+    for n in range(5):
+        await engine.send(queue, message(f"m{n}"))
+
+    async with consuming(engine, queue, prefetch=2) as next_delivery:
+        first, second = await next_delivery(), await next_delivery()
+        assert [tag(first), tag(second)] == ["m0", "m1"]
+        pending = asyncio.ensure_future(next_delivery())
+        await asyncio.sleep(0.3)
+        assert not pending.done(), "a third delivery while two are unsettled"
+        assert await engine.depth(queue) == 3
+        await first.ack()
+        third = await pending
+        assert tag(third) == "m2"
+    # Closing the consumer returned the two it still held: m1 m2 m3 m4 are ready.
+    assert await settled_depth(engine, queue, 4) == 4
+    assert await drain(engine, queue) == ["m1", "m2", "m3", "m4"]
+
+
+async def test_declare_is_idempotent(broker: Broker, engine: Engine, prefix: str) -> None:
+    events, sub = events_exchange(prefix), f"{prefix}.sub.all"
+    topology = event_topology(prefix) + Topology(
+        queues=(QueueSpec(sub),), bindings=(BindingSpec(sub, events, "proc.#"),)
+    )
+    await broker.declare(engine, topology)
+    await engine.publish(events, "proc.a", message("before"))
+
+    await broker.declare(engine, topology)
+    await engine.publish(events, "proc.b", message("after"))
+
+    # Kept what it held, and the binding was not doubled.
+    assert await drain(engine, sub) == ["before", "after"]
+
+
+async def test_redeclaring_with_other_arguments_is_refused(
+    broker: Broker, engine: Engine, prefix: str
+) -> None:
+    queue = f"{prefix}.retry"
+    await broker.declare(engine, Topology(queues=(QueueSpec(queue, ttl_ms=1000),)))
+    with pytest.raises(ConfigurationError):
+        await engine.declare(Topology(queues=(QueueSpec(queue, ttl_ms=2000),)))
+
+
+async def test_messages_survive_close_and_reopen(broker: Broker, engine: Engine, prefix: str) -> None:
+    queue = f"{prefix}.durable"
+    await queues(broker, engine, queue)
+    await engine.send(queue, message("first"))
+    await engine.send(queue, message("second"))
+    await engine.close()
+
+    reopened = await broker.open()
+    assert await reopened.depth(queue) == 2
+    assert await drain(reopened, queue) == ["first", "second"]
