@@ -75,8 +75,7 @@ def serve(config: ConfigOption = None,
     """The relay daemon: subscriptions -> mail -> delivery, with retries and dead letters."""
     cfg = _config(config)
     _logging(verbose)
-    from relay.daemon import Relay
-    from relay.engines import open_engine
+    from relay.daemon import serve_forever
     from relay.render import Renderer
     from relay.smtp import SmtpPool
 
@@ -91,35 +90,16 @@ def serve(config: ConfigOption = None,
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         mailer = SmtpPool(cfg.smtp)
-        engine = open_engine(cfg.broker.url, confirm_timeout=cfg.broker.confirm_timeout)
         try:
-            await _connect_with_backoff(engine, stop)
-            await Relay(cfg, engine, mailer, renderer=renderer).run(stop)
+            await serve_forever(cfg, mailer, stop, renderer=renderer)
         finally:
             await mailer.close()
-            await engine.close()
 
     try:
         asyncio.run(main())
     except ConfigurationError as exc:
         _fail(f"config error: {exc}", EX_CONFIG)
     logging.getLogger("opsrelay.relay").info("relay: stopped")
-
-
-async def _connect_with_backoff(engine: Any, stop: asyncio.Event) -> None:
-    """A broker that is not up yet is waited for, not a reason to crash-loop."""
-    log = logging.getLogger("opsrelay.relay")
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            await engine.connect()
-            return
-        except RelayError as exc:
-            log.warning("relay: %s; retrying in %.1fs", exc, delay)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                delay = min(delay * 2, 30.0)
 
 
 @app.command()

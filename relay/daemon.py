@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 
 from relay.config import Config, Subscription
 from relay.delivery import DeadLetter, Decision, Delivered, Hold, Retry, decide
-from relay.engines.base import Delivery, Engine, Message
-from relay.errors import PermanentError, RelayError
+from relay.engines.base import Delivery, Engine, Message, open_engine
+from relay.errors import BrokerUnavailable, PermanentError, RelayError
 from relay.event import decode_event, utcnow_iso
 from relay.mail import Attempt, OutboundMail, from_message, to_message
 from relay.render import Renderer
@@ -183,3 +183,29 @@ class Relay:
             final = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts), recipients=rcpts)
             await self.engine.send(dead_queue(self.prefix), dead_letter(
                 to_message(final), reason=decision.reason, source=outbound_queue(self.prefix), kind="mail"))
+
+
+async def serve_forever(config: Config, mailer: Mailer, stop: asyncio.Event, *,
+                        renderer: Renderer | None = None, max_delay: float = 30.0) -> None:
+    """Run the relay until ``stop``; a broker that is down or goes away is waited for with backoff.
+
+    A lost connection ends the running :class:`Relay` (its unacked deliveries return to the
+    broker), then a fresh engine is connected and the relay starts again.
+    """
+    renderer = renderer or Renderer(config)
+    delay = 0.5
+    while not stop.is_set():
+        engine = open_engine(config.broker.url, confirm_timeout=config.broker.confirm_timeout)
+        try:
+            await engine.connect()
+            delay = 0.5
+            await Relay(config, engine, mailer, renderer=renderer).run(stop)
+        except BrokerUnavailable as exc:
+            log.warning("relay: broker unavailable (%s); reconnecting in %.1fs", exc, delay)
+        finally:
+            await engine.close()
+        if stop.is_set():
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, max_delay)
