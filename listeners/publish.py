@@ -13,13 +13,14 @@ import concurrent.futures
 import logging
 import threading
 
+from relay.config import Config
 from relay.engines.base import Engine, Message, open_engine
 from relay.errors import BrokerUnavailable, RelayError
 from relay.event import CONTENT_TYPE, Event, encode_event
 from relay.routing import event_key
 from relay.topology import event_topology, events_exchange
 
-__all__ = ["EnginePublisher"]
+__all__ = ["EnginePublisher", "make_publisher"]
 
 log = logging.getLogger("opsrelay.listener")
 
@@ -57,6 +58,9 @@ class EnginePublisher:
             self._declared = False
             raise
 
+    def tick(self) -> None:
+        """Called on supervisord TICK events: nothing to do without a spool."""
+
     def close(self) -> None:
         try:
             asyncio.run_coroutine_threadsafe(self._engine.close(), self._loop).result(timeout=self.timeout)
@@ -64,3 +68,9 @@ class EnginePublisher:
             log.warning("closing the broker connection: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=self.timeout)
+
+
+def make_publisher(config: Config) -> EnginePublisher:
+    """The publisher ``opsrelay listen`` uses for this config."""
+    broker = config.broker
+    return EnginePublisher(broker.url, broker.prefix, timeout=broker.confirm_timeout)

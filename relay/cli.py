@@ -52,14 +52,14 @@ def listen(config: ConfigOption = None,
            verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """The supervisord eventlistener: PROCESS_STATE events to the events exchange."""
     from listeners.eventlistener import run, text_streams
-    from listeners.publish import EnginePublisher
+    from listeners.publish import make_publisher
 
     cfg = _config(config)
     _logging(verbose)
     # UTF-8 whatever the locale, newlines untouched: supervisord's len: counts characters.
     stdin, stdout = text_streams(sys.stdin.buffer, sys.stdout.buffer)
     try:
-        publisher = EnginePublisher(cfg.broker.url, cfg.broker.prefix, timeout=cfg.broker.confirm_timeout)
+        publisher = make_publisher(cfg)
     except ConfigurationError as exc:
         _fail(f"config error: {exc}", EX_CONFIG)
     try:

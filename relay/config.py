@@ -81,13 +81,24 @@ class _Strict(BaseModel):
 class BrokerConfig(_Strict):
     url: str = Field(default_factory=default_queue_url)
     prefix: str = Field(default="opsrelay", pattern=NAME_PATTERN)
-    # How long a publisher waits for the broker to confirm before calling it unavailable.
-    confirm_timeout: Duration = 5.0
+    # How long a publisher waits for the broker to confirm before calling it unavailable
+    # (with an amqp URL the listener then writes the event to the spool instead).
+    confirm_timeout: Duration = 2.0
+    # Store-and-forward for the listener when the AMQP broker is away: the embedded
+    # engine's file, created on first use. Default: spool.db beside the default queue.
+    spool: str = Field(default_factory=lambda: default_queue_url().replace("queue.db", "spool.db"))
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # An amqp URL may hold a password: never in a repr or a log line.
         for name, value in super().__repr_args__():
             yield name, mask_url(value) if name == "url" else value
+
+    @field_validator("spool")
+    @classmethod
+    def _spool_is_sqlite(cls, url: str) -> str:
+        if not url.startswith("sqlite:////"):
+            raise ValueError("the spool is a sqlite URL: sqlite:/// then an absolute path")
+        return url
 
     @field_validator("url")
     @classmethod
