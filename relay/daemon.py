@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from relay.config import Config, Subscription
 from relay.delivery import DeadLetter, Decision, Delivered, Hold, Retry, decide
 from relay.engines.base import Delivery, Engine, Message, open_engine
-from relay.errors import BrokerUnavailable, PermanentError, RelayError
+from relay.errors import BrokerUnavailable, MessageDecodeError, PermanentError, RelayError
 from relay.event import decode_event, utcnow_iso
 from relay.mail import Attempt, OutboundMail, from_message, to_message
 from relay.render import Renderer
@@ -126,8 +126,11 @@ class Relay:
         except PermanentError as exc:
             log.error("relay: %s: message %s cannot be handled, dead-lettered: %s",
                       queue, delivery.message.message_id or "(no id)", exc)
+            # An event we could read but not render can be replayed once the template is fixed.
+            readable_event = queue != outbound_queue(self.prefix) and not isinstance(exc, MessageDecodeError)
+            kind = "event" if readable_event else "invalid"
             await self.engine.send(dead_queue(self.prefix),
-                                   dead_letter(delivery.message, reason=str(exc), source=queue, kind="invalid"))
+                                   dead_letter(delivery.message, reason=str(exc), source=queue, kind=kind))
             await delivery.ack()
         except RelayError as exc:
             # The broker went away mid-way: leave it unacked, it comes back.
