@@ -20,7 +20,7 @@ rabbitmq:
 	scripts/ensure-rabbitmq.sh
 
 lint: venv
-	$(BIN)/ruff check relay listeners tests bench
+	$(BIN)/ruff check .
 
 typecheck: venv
 	$(BIN)/mypy
