@@ -12,6 +12,8 @@ moves text between the streams it is given and the publisher.
   event of a listener that dies while busy and restarts the listener.
 * Other event types, and events we cannot read, are answered OK (logged): a
   FAIL would only bring the same unreadable event back forever.
+* TICK_* events call the publisher's ``tick()`` when it has one (a spooling
+  publisher forwards what it spooled); it must not block.
 
 stdout carries the protocol and nothing else; logs go to the
 ``opsrelay.listener`` logger (stderr).
@@ -24,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol, TextIO
+from typing import BinaryIO, Protocol, TextIO, runtime_checkable
 
 from listeners import protocol
 from listeners.protocol import Header, HeaderError
@@ -38,6 +40,7 @@ __all__ = [
     "Malformed",
     "Publish",
     "Publisher",
+    "Ticker",
     "decide",
     "retry_pause",
     "run",
@@ -50,6 +53,14 @@ log = logging.getLogger("opsrelay.listener")
 class Publisher(Protocol):
     def publish(self, event: Event) -> None:
         """Return once the event is durable; raise a :class:`RelayError` otherwise."""
+
+
+@runtime_checkable
+class Ticker(Protocol):
+    """A publisher that wants supervisord's TICK_* events (optional: a plain publisher ignores them)."""
+
+    def tick(self) -> None:
+        """Return at once; a RelayError is logged, the TICK is answered OK either way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +175,12 @@ def _answer(header: Header, payload: str, publisher: Publisher, host: str) -> st
     decision = decide(header, payload, host=host)
     if isinstance(decision, Publish):
         return _publish(decision.event, publisher)
+    if isinstance(decision, Ignore) and decision.eventname.startswith("TICK_") and isinstance(publisher, Ticker):
+        try:
+            publisher.tick()
+        except RelayError as exc:
+            # A TICK is not worth resending: supervisord sends the next one in a few seconds.
+            log.warning("tick: %s: %s", type(exc).__name__, _one_line(str(exc)))
     if isinstance(decision, Malformed):
         log.warning("malformed %s payload (%s), answered OK: %r", header.eventname, decision.reason, payload)
     return protocol.result_ok()

@@ -24,6 +24,8 @@ __all__ = [
     "full_topology",
     "outbound_queue",
     "retry_queue",
+    "spool_name",
+    "spool_topology",
     "subscription_queue",
     "unrouted_exchange",
     "unrouted_queue",
@@ -56,6 +58,11 @@ def retry_queue(prefix: str, delay_ms: int) -> str:
 
 def dead_queue(prefix: str) -> str:
     return f"{prefix}.dead"
+
+
+def spool_name(prefix: str) -> str:
+    """The listener's store-and-forward spool (exchange and queue) in its local embedded engine."""
+    return f"{prefix}.spool"
 
 
 class ExchangeKind(StrEnum):
@@ -137,3 +144,13 @@ def full_topology(
         queues.append(QueueSpec(queue))
         bindings += [BindingSpec(queue, events_exchange(prefix), p) for p in patterns]
     return event_topology(prefix) + Topology((), tuple(queues), tuple(bindings))
+
+
+def spool_topology(prefix: str) -> Topology:
+    """One topic exchange into one queue, so a spooled row keeps the routing key it was published with."""
+    name = spool_name(prefix)
+    return Topology(
+        exchanges=(ExchangeSpec(name, ExchangeKind.TOPIC),),
+        queues=(QueueSpec(name),),
+        bindings=(BindingSpec(name, name, "#"),),
+    )

@@ -182,7 +182,8 @@ class Supervisor:
             assert isinstance(value, str | int | float | bool | Path), f"smtp.{key}: {value!r}"
             smtp_values[key] = value
         lines = [f"host = {_toml_value(self.host)}", "", "[broker]",
-                 *_toml_table({"url": self.broker_url, "prefix": self.prefix}), "", "[smtp]",
+                 *_toml_table({"url": self.broker_url, "prefix": self.prefix,
+                                            "spool": f"sqlite:///{self.root / 'spool.db'}"}), "", "[smtp]",
                  *_toml_table(smtp_values), "", "[retry]",
                  *_toml_table({"max_attempts": max_attempts, "backoff": list(backoff)})]
         for sub in subscriptions:
@@ -201,7 +202,7 @@ class Supervisor:
             "[supervisorctl]", f"serverurl=unix://{self.socket_path}", "",
             "[eventlistener:opsrelay]",
             f"command={opsrelay} listen --config {self.config_path}",
-            "events=PROCESS_STATE",
+            "events=PROCESS_STATE,TICK_5",
             # The default buffer of 10 drops the oldest events on a burst (see supervisord.conf.example).
             "buffer_size=1024", "autorestart=true", "stopwaitsecs=5",
             f"stderr_logfile={self.listener_log_path}", "",
