@@ -130,6 +130,10 @@ def check(config: ConfigOption = None,
                 f"{'AUTH as ' + cfg.smtp.username if cfg.smtp.username else 'no AUTH'})",
         "subscriptions": {s.name: {"to": list(s.to), "bindings": list(s.bindings())} for s in cfg.subscriptions},
     }
+    if cfg.smtp.ssmtp_conf is not None:
+        from relay.config import ssmtp_notes
+
+        report["ssmtp"] = ssmtp_notes(config)
     failed = False
     if connect:
         report["connect"], failed = asyncio.run(_probe(cfg))
@@ -139,6 +143,8 @@ def check(config: ConfigOption = None,
         typer.echo(f"config ok: host {report['host']}, broker {report['broker']}, smtp {report['smtp']}")
         for name, sub in report["subscriptions"].items():
             typer.echo(f"  subscription {name} -> {', '.join(sub['to'])}: {' '.join(sub['bindings'])}")
+        for note in report.get("ssmtp", []):
+            typer.echo(f"  from {cfg.smtp.ssmtp_conf}: {note}")
         for part, result in report.get("connect", {}).items():
             typer.echo(f"  {part}: {result}")
     if failed:
@@ -449,6 +455,17 @@ def unrouted_replay(config: ConfigOption = None, as_json: JsonOption = False) ->
         return
     typer.echo(f"replayed {report.replayed} event(s) from {queue}; it now holds {report.remaining} "
                "(what no subscription matches)")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False, "help_option_names": []})
+def sendmail(ctx: typer.Context) -> None:
+    """The sendmail front end: sendmail's options (-t -i -f ADDR ...) and recipients; the message on stdin."""
+    from relay.sendmail import run
+
+    # sendmail's argv exactly as given: click would swallow "--" and re-read "-f" words.
+    argv = sys.argv[sys.argv.index("sendmail") + 1:] if "sendmail" in sys.argv else ctx.args
+    raise typer.Exit(run(["opsrelay sendmail", *argv], sys.stdin.buffer, sys.stderr))
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from relay.durations import parse_duration
 from relay.engines.base import mask_url
 from relay.errors import ConfigError
 from relay.event import STATES
+from relay.fastconfig import DEFAULT_MAX_SIZE, parse_size
 from relay.routing import Selector
 
 __all__ = [
@@ -39,11 +40,14 @@ __all__ = [
     "Config",
     "RetryConfig",
     "Security",
+    "SendmailConfig",
+    "SendmailMode",
     "SmtpConfig",
     "Subscription",
     "default_queue_url",
     "find_config",
     "load_config",
+    "ssmtp_notes",
 ]
 
 ENV_PREFIX = "OPSRELAY_"
@@ -51,6 +55,7 @@ SEARCH_PATHS = ("./opsrelay.toml", "~/.config/opsrelay/opsrelay.toml", "/etc/ops
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 class Security(StrEnum):
@@ -132,6 +137,9 @@ class SmtpConfig(_Strict):
     timeout: Duration = 30.0
     pool_size: int = Field(default=2, ge=1, le=32)
     helo: str | None = None
+    # An ssmtp.conf (and the revaliases beside it) whose values fill what is unset here;
+    # merged in load_config, before validation (see relay.ssmtp).
+    ssmtp_conf: Path | None = None
 
     @model_validator(mode="after")
     def _credentials(self) -> SmtpConfig:
@@ -180,6 +188,27 @@ def _address(value: str) -> str:
 
 
 Address = Annotated[str, BeforeValidator(lambda v: _address(v) if isinstance(v, str) else v)]
+
+
+class SendmailMode(StrEnum):
+    QUEUE = "queue"
+    DIRECT = "direct"
+
+
+class SendmailConfig(_Strict):
+    """``opsrelay-sendmail``. Read on its fast path by relay.fastconfig, which must agree with this."""
+
+    # queue: write to the outbound queue and exit, the relay delivers. direct: try the
+    # smarthost at once (for hosts without a running relay), queue on any temporary failure.
+    mode: SendmailMode = SendmailMode.QUEUE
+    # Bytes read from stdin at most: an int, or "25MB" / "10MiB" / "512KB".
+    max_size: Size = Field(default=DEFAULT_MAX_SIZE, ge=1)
+    # Local names become name@domain (ssmtp's rewriteDomain). "": the top-level host.
+    domain: str = ""
+    # Keep a From: the message has (ssmtp's FromLineOverride=YES); false: replace it with the envelope sender.
+    from_line_override: bool = True
+    # Envelope sender per local user (ssmtp's revaliases), after -f and before smtp.from.
+    senders: dict[str, Address] = Field(default_factory=dict)
 
 
 class Subscription(_Strict):
@@ -232,6 +261,7 @@ class Config(_Strict):
     aliases: dict[str, Address] = Field(default_factory=dict)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     subscriptions: tuple[Subscription, ...] = ()
+    sendmail: SendmailConfig = Field(default_factory=SendmailConfig)
 
     @field_validator("subscriptions")
     @classmethod
@@ -303,8 +333,9 @@ def _one_line(exc: ValidationError) -> tuple[str, str]:
     return key, message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
-def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Read, merge the environment over the file, validate. Raises ConfigError (one line)."""
+def _read(path: str | os.PathLike[str] | None,
+          env: Mapping[str, str] | None) -> tuple[str, dict[str, Any], list[str]]:
+    """The file merged with the environment, then with smtp.ssmtp_conf under both; and the ssmtp notes."""
     env = os.environ if env is None else env
     found = find_config(path, env)
     where = str(found) if found else "(defaults)"
@@ -324,6 +355,29 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
         # The environment's password replaces the file's password source, whichever it was.
         data["smtp"] = {k: v for k, v in data["smtp"].items() if k != "password_file"}
     data = _merge(data, overrides)
+    notes: list[str] = []
+    smtp = data.get("smtp")
+    if isinstance(smtp, dict) and smtp.get("ssmtp_conf"):
+        from relay import ssmtp
+
+        try:
+            data, notes = ssmtp.merge_into(data, ssmtp.load(str(smtp["ssmtp_conf"])))
+        except ssmtp.SsmtpError as exc:
+            raise ConfigError(str(exc), path=where, key="smtp.ssmtp_conf") from None
+    return where, data, notes
+
+
+def ssmtp_notes(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> list[str]:
+    """What the config took from (and left of) smtp.ssmtp_conf, one line each, for ``opsrelay check``."""
+    return _read(path, env)[2]
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, merge the environment over the file (and both over smtp.ssmtp_conf), validate.
+
+    Raises ConfigError (one line).
+    """
+    where, data, _ = _read(path, env)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
