@@ -8,7 +8,6 @@ line naming the file, the key and the problem; the CLI turns it into exit 78
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import socket
 import tomllib
@@ -32,7 +31,14 @@ from relay.durations import parse_duration
 from relay.engines.base import mask_url
 from relay.errors import ConfigError
 from relay.event import STATES
-from relay.fastconfig import DEFAULT_MAX_SIZE, parse_size
+from relay.fastconfig import (
+    DEFAULT_MAX_SIZE,
+    SEARCH_PATHS,
+    default_queue_url,
+    env_overrides,
+    merge,
+    parse_size,
+)
 from relay.routing import Selector
 
 __all__ = [
@@ -50,8 +56,6 @@ __all__ = [
     "ssmtp_notes",
 ]
 
-ENV_PREFIX = "OPSRELAY_"
-SEARCH_PATHS = ("./opsrelay.toml", "~/.config/opsrelay/opsrelay.toml", "/etc/opsrelay/opsrelay.toml")
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -65,14 +69,6 @@ class Security(StrEnum):
 
 
 DEFAULT_PORTS = {Security.STARTTLS: 587, Security.TLS: 465, Security.NONE: 25}
-
-
-def default_queue_url() -> str:
-    """root: /var/lib/opsrelay/queue.db; anyone else: $XDG_STATE_HOME/opsrelay/queue.db."""
-    if os.geteuid() == 0:
-        return "sqlite:////var/lib/opsrelay/queue.db"
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return f"sqlite:///{Path(state).absolute() / 'opsrelay' / 'queue.db'}"
 
 
 def _short_hostname() -> str:
@@ -288,40 +284,6 @@ def find_config(explicit: str | os.PathLike[str] | None = None,
     return None
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """``OPSRELAY_SMTP__PASSWORD=x`` -> ``{"smtp": {"password": "x"}}``; JSON lists/objects are parsed."""
-    tree: dict[str, Any] = {}
-    for name, raw in env.items():
-        # OPSRELAY_CONFIG names the file; OPSRELAY_TEST_* belong to the test suite.
-        if not name.startswith(ENV_PREFIX) or name == "OPSRELAY_CONFIG" or name.startswith("OPSRELAY_TEST_"):
-            continue
-        keys = name[len(ENV_PREFIX):].lower().split("__")
-        value: Any = raw
-        if raw[:1] in "[{":
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-        node = tree
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[keys[-1]] = value
-    return tree
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _one_line(exc: ValidationError) -> tuple[str, str]:
     first = exc.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
@@ -350,11 +312,11 @@ def _read(path: str | os.PathLike[str] | None,
             raise ConfigError(f"cannot read: {exc.strerror or exc}", path=where) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", path=where) from None
-    overrides = _env_overrides(env)
+    overrides = env_overrides(env)
     if "password" in overrides.get("smtp", {}) and isinstance(data.get("smtp"), dict):
         # The environment's password replaces the file's password source, whichever it was.
         data["smtp"] = {k: v for k, v in data["smtp"].items() if k != "password_file"}
-    data = _merge(data, overrides)
+    data = merge(data, overrides)
     notes: list[str] = []
     smtp = data.get("smtp")
     if isinstance(smtp, dict) and smtp.get("ssmtp_conf"):

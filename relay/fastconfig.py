@@ -19,7 +19,18 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-__all__ = ["DEFAULT_MAX_SIZE", "FastConfig", "cache_dir", "default_queue_url", "find_config", "load", "parse_size"]
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "SEARCH_PATHS",
+    "FastConfig",
+    "cache_dir",
+    "default_queue_url",
+    "env_overrides",
+    "find_config",
+    "load",
+    "merge",
+    "parse_size",
+]
 
 ENV_PREFIX = "OPSRELAY_"
 SEARCH_PATHS = ("./opsrelay.toml", "~/.config/opsrelay/opsrelay.toml", "/etc/opsrelay/opsrelay.toml")
@@ -76,7 +87,8 @@ def find_config(env: Mapping[str, str]) -> str | None:
     return None
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``OPSRELAY_SMTP__PASSWORD=x`` -> ``{"smtp": {"password": "x"}}``; JSON lists/objects are parsed."""
     tree: dict[str, Any] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == "OPSRELAY_CONFIG" or name.startswith("OPSRELAY_TEST_"):
@@ -100,11 +112,12 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, tables merged key by key."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -307,10 +320,10 @@ def load(env: Mapping[str, str] | None = None) -> FastConfig:
     found = find_config(env)
     where = found or "(defaults)"
     data: dict[str, Any] = read_toml(found, env) if found is not None else {}
-    overrides = _env_overrides(env)
+    overrides = env_overrides(env)
     if "password" in overrides.get("smtp", {}) and isinstance(data.get("smtp"), dict):
         data["smtp"] = {k: v for k, v in data["smtp"].items() if k != "password_file"}
-    data = _merge(data, overrides)
+    data = merge(data, overrides)
     smtp = data.get("smtp")
     if isinstance(smtp, dict) and smtp.get("ssmtp_conf"):
         from relay import ssmtp
