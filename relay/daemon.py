@@ -67,6 +67,7 @@ class Relay:
         self.grace = grace
         self.prefix = config.broker.prefix
         self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.engine.declare(relay_topology(self.config))
@@ -88,10 +89,13 @@ class Relay:
                 task.result()  # a consumer that died takes the relay down (and its supervisor restarts it)
         finally:
             stopping.cancel()
+            # Finish what is in flight while its consumers (and so its leases / channels) are
+            # still open, so that its ack lands; only then close them, which returns the rest.
+            self._stopping = True
+            await self._drain()
             for task in consumers:
                 task.cancel()
             await asyncio.gather(*consumers, return_exceptions=True)
-            await self._drain()
 
     async def _drain(self) -> None:
         if not self._inflight:
@@ -114,6 +118,10 @@ class Relay:
         slots = asyncio.Semaphore(concurrency)
         async for delivery in self.engine.consume(queue, prefetch=concurrency * 2):
             await slots.acquire()
+            if self._stopping:
+                # Not started: left unsettled, it returns to its queue when the consumer closes.
+                slots.release()
+                continue
             task = asyncio.create_task(self._settle(queue, handler, delivery))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)

@@ -86,9 +86,9 @@ class _SqliteDelivery:
     async def _settle(self, how: store.Settle) -> None:
         if self._settled:
             raise RuntimeError(f"delivery {self.message.message_id!r} was already settled")
-        self._settled = True
         try:
             await self._engine._call(self._engine._settle_sync, self._row_id, how)
+            self._settled = True  # a settle that failed settled nothing: a reject may follow
         finally:
             if self._on_settle is not None:
                 self._on_settle(self._row_id)
