@@ -59,12 +59,13 @@ def dead_letter(message: Message, *, reason: str, source: str, kind: str) -> Mes
 
 class Relay:
     def __init__(self, config: Config, engine: Engine, mailer: Mailer, *,
-                 renderer: Renderer | None = None, grace: float = 30.0) -> None:
+                 renderer: Renderer | None = None, grace: float = 30.0, hold_back: float = 5.0) -> None:
         self.config = config
         self.engine = engine
         self.mailer = mailer
         self.renderer = renderer or Renderer(config)
         self.grace = grace
+        self.hold_back = hold_back
         self.prefix = config.broker.prefix
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -129,20 +130,40 @@ class Relay:
 
     async def _settle(self, queue: str, handler: Callable[[Delivery], Awaitable[None]],
                       delivery: Delivery) -> None:
+        """Run ``handler``; whatever it raises, the delivery ends settled or left for redelivery."""
+        message_id = delivery.message.message_id or "(no id)"
         try:
             await handler(delivery)
         except PermanentError as exc:
-            log.error("relay: %s: message %s cannot be handled, dead-lettered: %s",
-                      queue, delivery.message.message_id or "(no id)", exc)
             # An event we could read but not render can be replayed once the template is fixed.
             readable_event = queue != outbound_queue(self.prefix) and not isinstance(exc, MessageDecodeError)
-            kind = "event" if readable_event else "invalid"
+            await self._dead_letter(queue, delivery, str(exc), "event" if readable_event else "invalid")
+        except BrokerUnavailable as exc:
+            # The broker went away mid-way: leave it unacked, it comes back.
+            log.error("relay: %s: %s; message %s left for redelivery", queue, exc, message_id)
+            with contextlib.suppress(RelayError):
+                await delivery.reject(requeue=True)
+        except RelayError as exc:
+            # Our topology or config, not the message: hold it back a while instead of spinning.
+            log.error("relay: %s: %s; message %s requeued in %gs", queue, exc, message_id, self.hold_back)
+            await asyncio.sleep(self.hold_back)
+            with contextlib.suppress(RelayError):
+                await delivery.reject(requeue=True)
+        except Exception as exc:
+            # A bug of ours must neither lose the message nor wedge the consumer's prefetch window.
+            log.exception("relay: %s: unexpected error on message %s", queue, message_id)
+            await self._dead_letter(queue, delivery, f"unexpected error: {exc!r}", "invalid")
+
+    async def _dead_letter(self, queue: str, delivery: Delivery, reason: str, kind: str) -> None:
+        log.error("relay: %s: message %s cannot be handled, dead-lettered: %s",
+                  queue, delivery.message.message_id or "(no id)", reason)
+        try:
             await self.engine.send(dead_queue(self.prefix),
-                                   dead_letter(delivery.message, reason=str(exc), source=queue, kind=kind))
+                                   dead_letter(delivery.message, reason=reason, source=queue, kind=kind))
             await delivery.ack()
         except RelayError as exc:
-            # The broker went away mid-way: leave it unacked, it comes back.
-            log.error("relay: %s: %s; message %s left for redelivery", queue, exc, delivery.message.message_id)
+            log.error("relay: %s: could not dead-letter %s (%s); left for redelivery",
+                      queue, delivery.message.message_id, exc)
             with contextlib.suppress(RelayError):
                 await delivery.reject(requeue=True)
 

@@ -16,6 +16,7 @@ from typing import Any
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq.exceptions
 import pamqp.exceptions
 
 from relay.engines.base import Delivery, Engine, HeaderValue, Message, mask_url
@@ -24,8 +25,13 @@ from relay.topology import Topology
 
 __all__ = ["AmqpEngine"]
 
+# aio-pika's CONNECTION_EXCEPTIONS also holds bare RuntimeError and StopAsyncIteration: a bug of
+# ours must not pass for "broker unavailable", so list the library's own classes instead.
 _BROKER_ERRORS: tuple[type[BaseException], ...] = (
-    *aio_pika.exceptions.CONNECTION_EXCEPTIONS,
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
     asyncio.TimeoutError,
     pamqp.exceptions.PAMQPException,
 )
@@ -92,12 +98,22 @@ class AmqpEngine(Engine):
         return f"AmqpEngine({mask_url(self.url)!r})"
 
     async def connect(self) -> None:
-        if self._connection is not None and not self._connection.is_closed:
+        if self._connection is not None and not self._connection.is_closed and self._channel is not None:
             return
-        with _translated("connect", self.url):
-            self._connection = await aio_pika.connect_robust(self.url, timeout=self.connect_timeout)
-            self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._exchanges = {}
+        await self.close()
+        connection: aio_pika.abc.AbstractRobustConnection | None = None
+        try:
+            with _translated("connect", self.url):
+                connection = await aio_pika.connect_robust(self.url, timeout=self.connect_timeout)
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except BaseException:
+            # Cancelled (a caller's bound ran out) or failed half-way: keep no half-open state,
+            # or every later call would find a connection without a channel.
+            if connection is not None:
+                with contextlib.suppress(*_BROKER_ERRORS):
+                    await connection.close()
+            raise
+        self._connection, self._channel, self._exchanges = connection, channel, {}
 
     async def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
