@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -34,6 +35,7 @@ from relay.event import STATES
 from relay.fastconfig import (
     DEFAULT_MAX_SIZE,
     SEARCH_PATHS,
+    check_address,
     default_queue_url,
     env_overrides,
     merge,
@@ -109,6 +111,14 @@ class BrokerConfig(_Strict):
             raise ValueError("must start with amqp://, amqps:// or sqlite:/// (then an absolute path)")
         if scheme == "sqlite" and not url.startswith("sqlite:////"):
             raise ValueError("a sqlite URL is sqlite:/// then an absolute path, e.g. sqlite:////var/lib/opsrelay/queue.db")
+        if scheme.startswith("amqp"):
+            parts = urllib.parse.urlsplit(url)
+            if "no_verify_ssl" in urllib.parse.parse_qs(parts.query):
+                raise ValueError("no_verify_ssl is refused: the broker's certificate is always verified")
+            # No credentials over clear text: amqp:// (no TLS) only to a broker on this host.
+            if scheme == "amqp" and parts.password and not _is_loopback(parts.hostname or ""):
+                raise ValueError(f"amqp:// would send the broker password in clear text to {parts.hostname!r}; "
+                                 "use amqps://")
         return url
 
 
@@ -121,6 +131,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _empty_is_none(value: object) -> object:
+    """``ca_file = ""`` means no extra CA, as in the design's example."""
+    return None if value == "" else value
+
+
+def _sender(value: object) -> object:
+    """smtp.from goes into the From: header and MAIL FROM: an address or empty, never a second line."""
+    return value if value == "" or not isinstance(value, str) else _address(value)
+
+
 class SmtpConfig(_Strict):
     host: str = "localhost"
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -128,8 +148,8 @@ class SmtpConfig(_Strict):
     username: str = ""
     password: SecretStr | None = None
     password_file: Path | None = None
-    ca_file: Path | None = None
-    from_: str = Field(default="", alias="from")
+    ca_file: Annotated[Path | None, BeforeValidator(_empty_is_none)] = None
+    from_: Annotated[str, BeforeValidator(_sender)] = Field(default="", alias="from")
     timeout: Duration = 30.0
     pool_size: int = Field(default=2, ge=1, le=32)
     helo: str | None = None
@@ -150,10 +170,10 @@ class SmtpConfig(_Strict):
             object.__setattr__(self, "password", SecretStr(secret))
         if self.ca_file is not None and not self.ca_file.is_file():
             raise ValueError(f"ca_file {str(self.ca_file)!r} does not exist")
-        # No credentials over clear text: AUTH without TLS only to a relay on this host.
-        if self.security is Security.NONE and self.username and not _is_loopback(self.host):
-            raise ValueError("security = 'none' with a username would send the password in clear text; "
-                             "use starttls or tls (clear text is allowed only to a loopback host)")
+        # No mail and no credentials over clear text: 'none' only to a relay on this host.
+        if self.security is Security.NONE and not _is_loopback(self.host):
+            raise ValueError("security = 'none' would send mail (and any password) in clear text to "
+                             f"{self.host!r}; use starttls or tls ('none' is only for a loopback host)")
         return self
 
     @property
@@ -178,9 +198,7 @@ class RetryConfig(_Strict):
 
 
 def _address(value: str) -> str:
-    if "@" not in value or any(c in value for c in "\r\n <>,"):
-        raise ValueError(f"{value!r} is not a mail address like oncall@example.com")
-    return value
+    return check_address(value)
 
 
 Address = Annotated[str, BeforeValidator(lambda v: _address(v) if isinstance(v, str) else v)]

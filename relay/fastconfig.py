@@ -24,6 +24,7 @@ __all__ = [
     "SEARCH_PATHS",
     "FastConfig",
     "cache_dir",
+    "check_address",
     "default_queue_url",
     "env_overrides",
     "find_config",
@@ -39,6 +40,7 @@ DEFAULT_MAX_SIZE = 25_000_000
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 _CACHE_VERSION = 1
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
 # pydantic's lax bool strings, so an environment value reads the same in both readers.
 _TRUE = frozenset(("1", "on", "t", "true", "y", "yes"))
 _FALSE = frozenset(("0", "off", "f", "false", "n", "no"))
@@ -137,14 +139,14 @@ class FastConfig:
         self.prefix: str = _check(path, "broker.prefix", broker.get("prefix", "opsrelay"), _name)
         self.busy_timeout: float = _check(path, "broker.confirm_timeout", broker.get("confirm_timeout", 2.0),
                                           _duration)
-        self.smtp_from: str = _check(path, "smtp.from", smtp.get("from", ""), _text_or_empty)
+        self.smtp_from: str = _check(path, "smtp.from", smtp.get("from", ""), _sender_or_empty)
         self.aliases: dict[str, str] = _check(path, "aliases", _table(data, "aliases", path), _addresses)
         unknown = sorted(set(sendmail) - _SENDMAIL_KEYS)
         if unknown:
             raise ConfigError("unknown key", path=path, key=f"sendmail.{unknown[0]}")
         self.mode: str = _check(path, "sendmail.mode", sendmail.get("mode", "queue"), _mode)
         self.max_size: int = _check(path, "sendmail.max_size", sendmail.get("max_size", DEFAULT_MAX_SIZE), _size)
-        self.domain: str = _check(path, "sendmail.domain", sendmail.get("domain", ""), _text_or_empty) or self.host
+        self.domain: str = _check(path, "sendmail.domain", sendmail.get("domain", ""), _domain_or_empty) or self.host
         self.from_line_override: bool = _check(path, "sendmail.from_line_override",
                                                sendmail.get("from_line_override", True), _bool)
         self.senders: dict[str, str] = _check(path, "sendmail.senders", sendmail.get("senders", {}), _addresses)
@@ -192,12 +194,35 @@ def _url(value: object) -> str:
     return url
 
 
+def check_address(value: str) -> str:
+    """A bare address: it goes into headers and SMTP commands, so no line breaks, spaces or lists."""
+    if "@" not in value or any(c in value for c in "\r\n <>,"):
+        raise ValueError(f"{value!r} is not a mail address like oncall@example.com")
+    return value
+
+
+def _sender_or_empty(value: object) -> str:
+    text = _text_or_empty(value)
+    return check_address(text) if text else text
+
+
+def _domain_or_empty(value: object) -> str:
+    text = _text_or_empty(value)
+    if not set(text) <= _DOMAIN_CHARS:
+        raise ValueError(f"{text!r} is not a domain name")
+    return text
+
+
 def _addresses(value: object) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError("must be a table of name = address")
     for name, address in value.items():
-        if not isinstance(address, str) or "@" not in address or any(c in address for c in "\r\n <>,"):
+        if not isinstance(address, str):
             raise ValueError(f"{name}: {address!r} is not a mail address like oncall@example.com")
+        try:
+            check_address(address)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
     return dict(value)
 
 

@@ -9,7 +9,8 @@ ssmtp                         opsrelay
 ``mailhub=host[:port]``       ``smtp.host``, ``smtp.port`` (ssmtp's default port is 25)
 ``RemotePort``                ``smtp.port``
 ``UseSTARTTLS=YES``           ``smtp.security = "starttls"``
-``UseTLS=YES``                ``smtp.security = "tls"`` (neither: ``"none"``)
+``UseTLS=YES``                ``smtp.security = "tls"`` (neither: ``"none"`` only to a loopback
+                             mailhub; otherwise STARTTLS stays required)
 ``AuthUser``, ``AuthPass``    ``smtp.username``, ``smtp.password``
 ``TLS_CA_File``               ``smtp.ca_file`` (certificates are verified, unlike ssmtp)
 ``hostname``                  ``smtp.helo``; and ``sendmail.domain`` without ``rewriteDomain``
@@ -206,7 +207,13 @@ def merge_into(data: Mapping[str, Any], conf: SsmtpConf) -> tuple[dict[str, Any]
             take(smtp, "port", conf.port or SSMTP_DEFAULT_PORT, "mailhub port")
     elif conf.port is not None:
         take(smtp, "port", conf.port, "RemotePort")
-    take(smtp, "security", conf.security, "UseTLS/UseSTARTTLS")
+    relay_host = str(smtp.get("host", ""))
+    if conf.security != "none" or relay_host in ("localhost", "127.0.0.1", "::1"):
+        take(smtp, "security", conf.security, "UseTLS/UseSTARTTLS")
+    else:
+        # ssmtp sent mail (and AuthPass) in clear text; we never do to another host.
+        notes.append("UseTLS/UseSTARTTLS absent: ssmtp used clear text; opsrelay keeps "
+                     "smtp.security = 'starttls' ('none' is only for a relay on this host)")
     if conf.auth_user:
         take(smtp, "username", conf.auth_user, "AuthUser")
     if conf.auth_pass is not None and conf.auth_user:

@@ -66,7 +66,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def good_config(tmp_path: Path, broker_url: str | None = None, smtp: str | None = None) -> Path:
-    url = broker_url or f"amqp://opsrelay:{BROKER_PASSWORD}@rabbit.example.com/"
+    url = broker_url or f"amqps://opsrelay:{BROKER_PASSWORD}@rabbit.example.com/"
     smtp = smtp or (f'host = "smtp.example.com"\nusername = "alerts@example.com"\n'
                     f'password = "{SMTP_PASSWORD}"\nfrom = "alerts@example.com"\n')
     return write(tmp_path / "good.toml",
@@ -162,7 +162,7 @@ def test_check_good_config_prints_no_password(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert SMTP_PASSWORD not in result.output and BROKER_PASSWORD not in result.output
     assert "config ok: host web1" in result.stdout
-    assert "amqp://opsrelay:******@rabbit.example.com/" in result.stdout
+    assert "amqps://opsrelay:******@rabbit.example.com/" in result.stdout
     assert "smtp.example.com:587 (starttls, AUTH as alerts@example.com)" in result.stdout
     assert "subscription prog -> prog@example.com: proc.*.group1.prog2.STOPPED" in result.stdout
     assert result.stderr == ""

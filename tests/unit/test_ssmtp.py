@@ -87,7 +87,8 @@ def test_debian_default_file_parses() -> None:
 
 def test_debian_default_as_opsrelay_config(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, DEBIAN_SSMTP_CONF, DEBIAN_REVALIASES), env={})
-    assert (cfg.smtp.host, cfg.smtp.effective_port, cfg.smtp.security) == ("mail", 25, Security.NONE)
+    # ssmtp's default is clear text; to a host other than this one we keep STARTTLS required.
+    assert (cfg.smtp.host, cfg.smtp.effective_port, cfg.smtp.security) == ("mail", 25, Security.STARTTLS)
     assert cfg.smtp.username == "" and cfg.smtp.helo == "web1.example.org"
     # root=postmaster has no domain: ssmtp appends hostname (no rewriteDomain).
     assert cfg.aliases == {"*": "postmaster@web1.example.org"}
@@ -163,12 +164,22 @@ def test_a_bad_port_names_its_line() -> None:
         ssmtp.parse_conf("root=x\nmailhub=host:smtp\n")
 
 
-def test_clear_text_auth_to_a_remote_host_is_refused(tmp_path: Path) -> None:
-    # ssmtp would send this password in clear text; opsrelay fails closed at start.
+def test_clear_text_auth_to_a_remote_host_is_never_taken_over(tmp_path: Path) -> None:
+    # ssmtp would send this password in clear text; opsrelay keeps STARTTLS required (fails closed).
     conf = "mailhub=smtp.example.com:25\nAuthUser=u@example.com\nAuthPass=secret\n"
-    with pytest.raises(ConfigError, match="smtp: security = 'none' with a username") as caught:
-        load_config(write(tmp_path, conf, None), env={})
-    assert "secret" not in str(caught.value)
+    path = write(tmp_path, conf, None)
+    cfg = load_config(path, env={})
+    assert cfg.smtp.security is Security.STARTTLS
+    notes = ssmtp_notes(path, env={})
+    assert any("ssmtp used clear text" in note for note in notes)
+    assert not any("secret" in note for note in notes)
+
+
+def test_security_none_to_a_remote_host_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "opsrelay.toml"
+    config.write_text('[smtp]\nhost = "smtp.example.com"\nsecurity = "none"\n')
+    with pytest.raises(ConfigError, match=r"clear text to 'smtp\.example\.com'"):
+        load_config(config, env={})
 
 
 def test_a_missing_file_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
