@@ -334,6 +334,11 @@ def read_toml(path: str, env: Mapping[str, str]) -> dict[str, Any]:
         raise ConfigError(f"cannot read: {exc.strerror or exc}", path=path) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", path=path) from None
+    # The queue path never needs the SMTP password (direct mode reads the full config), so
+    # it is dropped here: no second copy of the secret in a cache file.
+    smtp = data.get("smtp")
+    if isinstance(smtp, dict):
+        data["smtp"] = {k: v for k, v in smtp.items() if k != "password"}
     if key:
         _store(folder, name, key, data)
     return data
@@ -343,8 +348,12 @@ def load(env: Mapping[str, str] | None = None) -> FastConfig:
     """Find, read and merge as relay.config.load_config does; ConfigError (one line) otherwise."""
     env = os.environ if env is None else env
     found = find_config(env)
-    where = found or "(defaults)"
-    data: dict[str, Any] = read_toml(found, env) if found is not None else {}
+    if found is None:
+        # No config anywhere means no relay reads any queue: queuing would strand the mail.
+        raise ConfigError("no opsrelay.toml found ($OPSRELAY_CONFIG, ./opsrelay.toml, "
+                          "~/.config/opsrelay/opsrelay.toml, /etc/opsrelay/opsrelay.toml)")
+    where = found
+    data: dict[str, Any] = read_toml(found, env)
     overrides = env_overrides(env)
     if "password" in overrides.get("smtp", {}) and isinstance(data.get("smtp"), dict):
         data["smtp"] = {k: v for k, v in data["smtp"].items() if k != "password_file"}

@@ -192,9 +192,8 @@ def prepare(data: bytes, *, from_address: str, full_name: str, extract_recipient
                     recipients += parse_address_list(_value(field))
                 except AddressError as exc:
                     raise MessageError(f"{name.decode().title()}: {exc}") from None
-        drop = {wanted[2]}  # the blind copy must not show who else got it
-    else:
-        drop = set()
+    # The blind copies must not show who else got the mail, with or without -t (as sendmail 8).
+    drop = {b"bcc", b"resent-bcc"}
     if not from_line_override:
         drop.add(b"from")
     kept = [f for f, n in zip(fields, names, strict=True) if n not in drop]

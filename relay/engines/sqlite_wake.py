@@ -55,7 +55,9 @@ class RunDir:
 
     def hold(self, token: str) -> int:
         """Take this engine's liveness lock; the returned fd must stay open while we hold leases."""
-        fd = os.open(f"{token}.lock", os.O_RDWR | os.O_CREAT, 0o600, dir_fd=self.fd)
+        # 0644: an empty file whose lock is the message; another user's engine (root running
+        # `opsrelay queue` beside a relay with its own user) must be able to test it.
+        fd = os.open(f"{token}.lock", os.O_RDONLY | os.O_CREAT, 0o644, dir_fd=self.fd)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
 
@@ -67,9 +69,11 @@ class RunDir:
     def is_gone(self, token: str) -> bool:
         """True when the engine ``token`` no longer runs (its lock is free or removed)."""
         try:
-            fd = os.open(f"{token}.lock", os.O_RDWR, dir_fd=self.fd)
+            fd = os.open(f"{token}.lock", os.O_RDONLY, dir_fd=self.fd)
         except FileNotFoundError:
             return True
+        except PermissionError:
+            return False  # not ours to judge: treat as alive rather than steal its leases
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
