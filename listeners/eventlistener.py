@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol, TextIO, runtime_checkable
 
 from listeners import protocol
@@ -81,13 +83,29 @@ class Malformed:
 Decision = Publish | Ignore | Malformed
 
 
-def decide(header: Header, payload: str, *, host: str, at: str | None = None) -> Decision:
+_EVENT_IDS = uuid.UUID("6f7073e2-7265-4c61-b900-000000000002")
+
+
+def event_id(header: Header, payload: str, *, host: str, origin: str) -> str:
+    """The same id each time supervisord sends the same event.
+
+    After FAIL (or a confirm that came too late) supervisord resends the very envelope, with its
+    ``serial``; hashing it with the host and ``origin`` (which supervisord process: its pid, since
+    serials restart with it) makes the resend a recognisable duplicate, down to the Message-ID.
+    """
+    key = "\0".join((host, origin, header.server, str(header.serial), header.eventname, payload))
+    return str(uuid.uuid5(_EVENT_IDS, key))
+
+
+def decide(header: Header, payload: str, *, host: str, at: str | None = None, origin: str = "") -> Decision:
     """What to do with one framed event."""
     try:
         event = event_from_payload(header.eventname, payload, host=host, at=at)
     except ProtocolError as exc:
         return Malformed(str(exc))
-    return Ignore(header.eventname) if event is None else Publish(event)
+    if event is None:
+        return Ignore(header.eventname)
+    return Publish(replace(event, id=event_id(header, payload, host=host, origin=origin)))
 
 
 def retry_pause(failures: int, *, first: float = 0.5, cap: float = 30.0) -> float:
@@ -172,7 +190,7 @@ def _publish(event: Event, publisher: Publisher) -> str:
 
 
 def _answer(header: Header, payload: str, publisher: Publisher, host: str) -> str:
-    decision = decide(header, payload, host=host)
+    decision = decide(header, payload, host=host, origin=str(os.getppid()))
     if isinstance(decision, Publish):
         return _publish(decision.event, publisher)
     if isinstance(decision, Ignore) and decision.eventname.startswith("TICK_") and isinstance(publisher, Ticker):
