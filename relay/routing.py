@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,10 +23,12 @@ from relay.event import STATES
 
 __all__ = [
     "MAX_WORD",
+    "KeyFields",
     "Selector",
     "decode_word",
     "encode_word",
     "event_key",
+    "key_fields",
     "split_key",
     "topic_matches",
 ]
@@ -157,17 +159,6 @@ def _split_program(program: str) -> tuple[str, str]:
 
 def _any_glob(patterns: Iterable[str], value: str) -> bool:
     return any(fnmatch.fnmatchcase(value, p) for p in patterns)
-
-
-def validate_pattern(pattern: str) -> str:
-    """Raise ValueError for a pattern RabbitMQ would take but that can never match our keys."""
-    if len(pattern.encode("utf-8")) > 255:
-        raise ValueError("a binding pattern is at most 255 bytes")
-    return pattern
-
-
-def matching(patterns: Sequence[str], key: str) -> bool:
-    return any(topic_matches(p, key) for p in patterns)
 
 
 @dataclass(frozen=True, slots=True)
