@@ -152,6 +152,14 @@ def _tls_context(config: SmtpConfig) -> ssl.SSLContext:
     return context
 
 
+class _Answered(Exception):
+    """The server refused the mail at the end of DATA; the session itself is fine."""
+
+    def __init__(self, error: RelayError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Stale(Exception):
     """A reused connection died while idle; nothing of this mail reached the server."""
 
@@ -229,6 +237,12 @@ class SmtpPool:
                     log.debug("smtp: idle connection was closed by the server; reconnecting")
                     client = await self._open()
                     result = await self._transact(client, sender, recipients, raw, stale_ok=False)
+            except _Answered as answered:
+                if self._closed:
+                    _discard(client)
+                else:
+                    self._idle.append(client)
+                raise answered.error from answered.__cause__
             except BaseException:
                 _discard(client)
                 raise
@@ -275,6 +289,12 @@ class SmtpPool:
         try:
             # Never replayed: once DATA is sent the server may have taken the mail.
             response = await client.data(raw)
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == SMTPStatus.domain_unavailable or not client.is_connected:  # 421: closing
+                raise translate_error(exc) from exc
+            # RFC 5321 §4.1.1.4: after the reply to the end of DATA the session is ready for the
+            # next MAIL: keep the connection (a 451 storm must not cost a TLS handshake each).
+            raise _Answered(translate_error(exc)) from exc
         except Exception as exc:
             raise translate_error(exc) from exc
         return SendResult(tuple(accepted), refused, Reply(response.code, response.message))

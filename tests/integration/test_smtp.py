@@ -338,6 +338,8 @@ async def test_451_on_data_three_times_then_accepted(server: SmtpServer, make_po
 
     await pool.send(SENDER, ["a@x.test"], RAW)
     assert len(server.received) == 1
+    # RFC 5321 §4.1.1.4: a refusal at the end of DATA leaves the session usable: one connection.
+    assert len(server.connections) == 1
 
 
 async def test_554_on_data_is_permanent(server: SmtpServer, make_pool: PoolFactory) -> None:
