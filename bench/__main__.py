@@ -1,4 +1,4 @@
-"""``python -m bench [all|listener|relay] [--events N] [--mails N] [--fresh-mails N] [--rounds R]``."""
+"""``python -m bench [all|listener|relay|retry|sendmail] [options]``: see bench/README.md."""
 
 from __future__ import annotations
 
@@ -13,14 +13,29 @@ import time
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="opsrelay against bare aiosmtplib and "
                                      "superlance's crashmail; see bench/README.md.")
-    parser.add_argument("which", nargs="?", choices=("all", "listener", "relay"), default="all")
+    parser.add_argument("which", nargs="?", choices=("all", "listener", "relay", "retry", "sendmail"),
+                        default="all")
     parser.add_argument("--events", type=int, default=10_000, help="listener: events per listener (10000)")
     parser.add_argument("--mails", type=int, default=2000, help="relay: mails per row (2000)")
     parser.add_argument("--fresh-mails", type=int, default=300,
                         help="relay: mails for the new-connection-per-mail row (300)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="relay: interleaved rounds per row, each of mails/rounds mails (4)")
+    parser.add_argument("--retry-mails", type=int, default=1000,
+                        help="retry: mails per throughput round (1000; 0: memory rows only)")
+    parser.add_argument("--retry-rounds", type=int, default=3, help="retry: interleaved rounds per throughput row (3)")
+    parser.add_argument("--retry-waiting", type=int, default=10_000,
+                        help="retry: mails waiting in a retry queue for the memory rows (10000; 0: idle rows only)")
+    parser.add_argument("--retry-via-relay", action="store_true",
+                        help="retry: also a memory row where the relay itself moves them to retry (~4 min more)")
+    parser.add_argument("--sendmail-runs", type=int, default=40,
+                        help="sendmail: submissions each for opsrelay-sendmail, msmtp and python -c pass (40)")
+    parser.add_argument("--ssmtp-runs", type=int, default=5, help="sendmail: submissions of ssmtp, ~1.1 s each (5)")
     args = parser.parse_args(argv)
+    if args.retry_mails == 1 or min(args.retry_mails, args.retry_waiting, args.ssmtp_runs) < 0 \
+            or args.retry_rounds < 1 or args.sendmail_runs < 1:
+        parser.error("--retry-mails must be 0 or at least 2, --retry-rounds and --sendmail-runs at least 1, "
+                     "--retry-waiting and --ssmtp-runs at least 0")
     if min(args.events, args.mails // max(args.rounds, 1), args.fresh_mails // max(args.rounds, 1)) < 2 \
             or args.rounds < 1:
         parser.error("--rounds must be at least 1, and --events, --mails/rounds and --fresh-mails/rounds at least 2")
@@ -39,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench import relay_throughput
 
         relay_throughput.run(args.mails, args.fresh_mails, args.rounds)
+    if args.which in ("all", "retry"):
+        from bench import retry_load
+
+        retry_load.run(args.retry_mails, args.retry_rounds, args.retry_waiting, args.retry_via_relay)
+    if args.which in ("all", "sendmail"):
+        from bench import sendmail_latency
+
+        sendmail_latency.run(args.sendmail_runs, args.ssmtp_runs)
     print(f"bench took {time.monotonic() - began:.0f}s")
     return 0
 
