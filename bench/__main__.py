@@ -1,4 +1,4 @@
-"""``python -m bench [all|listener|relay|retry|sendmail] [options]``: see bench/README.md."""
+"""``python -m bench [all|listener|relay|retry|sendmail|embedded|crash-mail|storm] [options]``: see bench/README.md."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import time
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="opsrelay against bare aiosmtplib and "
                                      "superlance's crashmail; see bench/README.md.")
-    parser.add_argument("which", nargs="?", choices=("all", "listener", "relay", "retry", "sendmail"),
-                        default="all")
+    parser.add_argument("which", nargs="?", choices=("all", "listener", "relay", "retry", "sendmail", "embedded",
+                                                     "crash-mail", "storm"), default="all")
     parser.add_argument("--events", type=int, default=10_000, help="listener: events per listener (10000)")
     parser.add_argument("--mails", type=int, default=2000, help="relay: mails per row (2000)")
     parser.add_argument("--fresh-mails", type=int, default=300,
@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sendmail-runs", type=int, default=40,
                         help="sendmail: submissions each for opsrelay-sendmail, msmtp and python -c pass (40)")
     parser.add_argument("--ssmtp-runs", type=int, default=5, help="sendmail: submissions of ssmtp, ~1.1 s each (5)")
+    parser.add_argument("--crashes", type=int, default=100,
+                        help="crash-mail: crashes with a busy supervisord (100); the idle run has a quarter (>= 10)")
+    parser.add_argument("--storm-seconds", type=float, default=30.0,
+                        help="storm: seconds of crash storm for opsrelay and for crashmail each (30)")
     args = parser.parse_args(argv)
     if args.retry_mails == 1 or min(args.retry_mails, args.retry_waiting, args.ssmtp_runs) < 0 \
             or args.retry_rounds < 1 or args.sendmail_runs < 1:
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.events, args.mails // max(args.rounds, 1), args.fresh_mails // max(args.rounds, 1)) < 2 \
             or args.rounds < 1:
         parser.error("--rounds must be at least 1, and --events, --mails/rounds and --fresh-mails/rounds at least 2")
+    if args.crashes < 2 or args.storm_seconds < 1:
+        parser.error("--crashes must be at least 2 and --storm-seconds at least 1")
 
     # aiormq logs every failed connect while the broker restarts; the tables say what matters.
     for noisy in ("aiormq", "aio_pika"):
@@ -62,6 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         from bench import sendmail_latency
 
         sendmail_latency.run(args.sendmail_runs, args.ssmtp_runs)
+    if args.which in ("all", "embedded"):
+        from bench import embedded
+
+        embedded.latency(args.events)
+    if args.which in ("all", "crash-mail"):
+        from bench import embedded
+
+        embedded.crash_to_mail(args.crashes)
+    if args.which in ("all", "storm"):
+        from bench import crash_storm
+
+        crash_storm.run(args.storm_seconds)
     print(f"bench took {time.monotonic() - began:.0f}s")
     return 0
 
