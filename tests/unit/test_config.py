@@ -373,7 +373,7 @@ def test_shipped_config_validates() -> None:
     assert config.smtp.security is Security.STARTTLS
     assert config.smtp.secret == "shipped-pw"
     assert config.smtp.from_ == "alerts@example.com"
-    assert config.broker.confirm_timeout == 5.0
+    assert config.broker.confirm_timeout == 2.0
     assert config.retry.backoff == (30.0, 120.0, 600.0, 1800.0, 3600.0)
     (crashes,) = config.subscriptions
     assert crashes.name == "crashes"
