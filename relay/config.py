@@ -37,8 +37,7 @@ from relay.fastconfig import (
     SEARCH_PATHS,
     check_address,
     default_queue_url,
-    env_overrides,
-    merge,
+    layered,
     parse_size,
 )
 from relay.routing import Selector
@@ -330,20 +329,7 @@ def _read(path: str | os.PathLike[str] | None,
             raise ConfigError(f"cannot read: {exc.strerror or exc}", path=where) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", path=where) from None
-    overrides = env_overrides(env)
-    if "password" in overrides.get("smtp", {}) and isinstance(data.get("smtp"), dict):
-        # The environment's password replaces the file's password source, whichever it was.
-        data["smtp"] = {k: v for k, v in data["smtp"].items() if k != "password_file"}
-    data = merge(data, overrides)
-    notes: list[str] = []
-    smtp = data.get("smtp")
-    if isinstance(smtp, dict) and smtp.get("ssmtp_conf"):
-        from relay import ssmtp
-
-        try:
-            data, notes = ssmtp.merge_into(data, ssmtp.load(str(smtp["ssmtp_conf"])))
-        except ssmtp.SsmtpError as exc:
-            raise ConfigError(str(exc), path=where, key="smtp.ssmtp_conf") from None
+    data, notes = layered(data, env, where)
     return where, data, notes
 
 

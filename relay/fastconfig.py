@@ -28,6 +28,7 @@ __all__ = [
     "default_queue_url",
     "env_overrides",
     "find_config",
+    "layered",
     "load",
     "merge",
     "parse_size",
@@ -352,18 +353,27 @@ def load(env: Mapping[str, str] | None = None) -> FastConfig:
         # No config anywhere means no relay reads any queue: queuing would strand the mail.
         raise ConfigError("no opsrelay.toml found ($OPSRELAY_CONFIG, ./opsrelay.toml, "
                           "~/.config/opsrelay/opsrelay.toml, /etc/opsrelay/opsrelay.toml)")
-    where = found
-    data: dict[str, Any] = read_toml(found, env)
+    data, _ = layered(read_toml(found, env), env, found)
+    return FastConfig(data, found)
+
+
+def layered(data: dict[str, Any], env: Mapping[str, str], where: str) -> tuple[dict[str, Any], list[str]]:
+    """The file's table with the environment over it and smtp.ssmtp_conf under both; and the ssmtp notes.
+
+    Both config readers (this one and relay.config) go through here, so they cannot disagree.
+    """
     overrides = env_overrides(env)
     if "password" in overrides.get("smtp", {}) and isinstance(data.get("smtp"), dict):
+        # The environment's password replaces the file's password source, whichever it was.
         data["smtp"] = {k: v for k, v in data["smtp"].items() if k != "password_file"}
     data = merge(data, overrides)
+    notes: list[str] = []
     smtp = data.get("smtp")
     if isinstance(smtp, dict) and smtp.get("ssmtp_conf"):
         from relay import ssmtp
 
         try:
-            data, _ = ssmtp.merge_into(data, ssmtp.load(str(smtp["ssmtp_conf"])))
+            data, notes = ssmtp.merge_into(data, ssmtp.load(str(smtp["ssmtp_conf"])))
         except ssmtp.SsmtpError as exc:
             raise ConfigError(str(exc), path=where, key="smtp.ssmtp_conf") from None
-    return FastConfig(data, where)
+    return data, notes
