@@ -185,13 +185,8 @@ class SpoolingPublisher:
         with self._lock:
             direct = self._pending <= 0 and self._broker.ready(time.monotonic())
         if direct:
-            try:
-                self.upstream.send(key, message, timeout=self.confirm_timeout)
-            except RelayError as exc:
-                broker_error = exc
-                self._broker_failed(exc)
-            else:
-                self._broker_back()
+            broker_error = self._send_direct(key, message)
+            if broker_error is None:
                 return
         try:
             self._append(key, message)
@@ -201,17 +196,22 @@ class SpoolingPublisher:
             if retry_broker:
                 # The spool is broken, the broker may not be: a confirm is as durable as an fsync.
                 # (Only here may an event overtake older spooled ones, which cannot be read anyway.)
-                try:
-                    self.upstream.send(key, message, timeout=self.confirm_timeout)
-                except RelayError as exc:
-                    broker_error = exc
-                    self._broker_failed(exc)
-                else:
-                    self._broker_back()
+                broker_error = self._send_direct(key, message)
+                if broker_error is None:
                     return
             reason = f"broker: {broker_error}; " if broker_error else "broker not tried (backing off); "
             raise BrokerUnavailable(f"event {event.id} not stored: {reason}spool: {spool_error}") from spool_error
         self._wake.set()
+
+    def _send_direct(self, key: str, message: Message) -> RelayError | None:
+        """One bounded try at the broker, keeping its up/down state; the error, or None once confirmed."""
+        try:
+            self.upstream.send(key, message, timeout=self.confirm_timeout)
+        except RelayError as exc:
+            self._broker_failed(exc)
+            return exc
+        self._broker_back()
+        return None
 
     def _append(self, key: str, message: Message) -> None:
         with self._lock:
