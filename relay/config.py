@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 import urllib.parse
@@ -45,6 +46,8 @@ from relay.routing import Selector
 __all__ = [
     "BrokerConfig",
     "Config",
+    "GroupBy",
+    "ListenerConfig",
     "RetryConfig",
     "Security",
     "SendmailConfig",
@@ -58,6 +61,12 @@ __all__ = [
 ]
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+# Headers opsrelay writes itself; a subscription's extra headers cannot replace them.
+_RESERVED_HEADERS = frozenset({
+    "from", "to", "cc", "bcc", "subject", "date", "message-id", "in-reply-to", "references",
+    "mime-version", "content-type", "content-transfer-encoding", "sender", "reply-to",
+    "x-opsrelay-event", "x-opsrelay-subscription",
+})
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -224,6 +233,23 @@ class SendmailConfig(_Strict):
     senders: dict[str, Address] = Field(default_factory=dict)
 
 
+class GroupBy(StrEnum):
+    HOST = "host"
+    GROUP = "group"
+    PROCESS = "process"
+    STATE = "state"
+
+
+class ListenerConfig(_Strict):
+    """``opsrelay listen``: what it asks supervisord's XML-RPC about each crash."""
+
+    # Bytes of the process's stderr (stdout when stderr is empty) put in log_tail for
+    # EXITED, FATAL and BACKOFF; 0 turns the fetch off. The most any subscription asks for is fetched.
+    log_tail_bytes: Size = Field(default=4096, ge=0, le=1024 * 1024)
+    # The bound on all XML-RPC calls for one event (exit status, spawnerr, log tail).
+    fetch_timeout: Duration = Field(default=1.0, gt=0, le=30)
+
+
 class Subscription(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     to: tuple[Address, ...] = Field(min_length=1)
@@ -235,6 +261,45 @@ class Subscription(_Strict):
     unexpected_only: bool = True
     subject: str | None = None
     body: str | None = None
+    # An HTML alternative part, rendered like body (Jinja2 autoescapes it).
+    html: str | None = None
+    # Templates of a digest mail (several events in one); built-in ones when unset.
+    digest_subject: str | None = None
+    digest_body: str | None = None
+    # Put before every subject, as crashmail's -o ("ACME: worker crashed ...").
+    subject_prefix: str = ""
+    # Added to every mail of this subscription; values are encoded, names must be plain tokens.
+    headers: dict[str, str] = Field(default_factory=dict)
+    # The log tail shown in this subscription's mails, at most (None: listener.log_tail_bytes).
+    log_tail_bytes: Size | None = Field(default=None, ge=0, le=1024 * 1024)
+    # Digests: events of one group (same values of group_by) wait group_wait before the
+    # first mail, then a group gets at most one mail every group_interval. Both 0: one mail per event.
+    group_by: tuple[GroupBy, ...] = ()
+    group_wait: Duration = Field(default=0.0, ge=0)
+    group_interval: Duration = Field(default=0.0, ge=0)
+    # Flap damping: at most this many mails per process per hour, then one summary of the rest.
+    max_mails_per_hour: int | None = Field(default=None, ge=1)
+    # A "recovered" mail, threaded under the first crash mail, when the process is RUNNING again.
+    send_resolved: bool = False
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name in headers:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,75}", name):
+                raise ValueError(f"header name {name!r} is not a plain token (letters, digits, '-')")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by opsrelay and cannot be overridden")
+        return headers
+
+    @property
+    def grouped(self) -> bool:
+        return self.group_wait > 0 or self.group_interval > 0
+
+    @property
+    def stateful(self) -> bool:
+        """Keeps state between events (digests, damping, recovery), in its own state queue."""
+        return self.grouped or self.max_mails_per_hour is not None or self.send_resolved
 
     @field_validator("states")
     @classmethod
@@ -257,14 +322,28 @@ class Subscription(_Strict):
     def selector(self) -> Selector:
         return Selector(self.programs, self.hosts, self.states, self.unexpected_only)
 
+    @property
+    def recovery_selector(self) -> Selector:
+        """The RUNNING events a recovery notice needs, for the programs this subscription watches."""
+        return Selector(self.programs, self.hosts, ("RUNNING",), False)
+
     def bindings(self) -> tuple[str, ...]:
-        return self.patterns or self.selector.bindings()
+        bindings = self.patterns or self.selector.bindings()
+        if self.send_resolved and not self.patterns:
+            bindings = tuple(dict.fromkeys((*bindings, *self.recovery_selector.bindings())))
+        return bindings
 
     def accepts(self, event: Any) -> bool:
         """The residual filter after the broker's bindings (globs inside a word, unexpected_only)."""
         if self.patterns:
             return not (self.unexpected_only and event.expected is True)
         return self.selector.accepts(event)
+
+    def watches_recovery(self, event: Any) -> bool:
+        """A RUNNING event that may end an outage this subscription mailed about."""
+        if not self.send_resolved or event.state != "RUNNING":
+            return False
+        return True if self.patterns else self.recovery_selector.accepts(event)
 
 
 class Config(_Strict):
@@ -275,6 +354,15 @@ class Config(_Strict):
     retry: RetryConfig = Field(default_factory=RetryConfig)
     subscriptions: tuple[Subscription, ...] = ()
     sendmail: SendmailConfig = Field(default_factory=SendmailConfig)
+    listener: ListenerConfig = Field(default_factory=ListenerConfig)
+
+    @property
+    def log_tail_bytes(self) -> int:
+        """What the listener fetches: the most any subscription shows (0: none)."""
+        if self.listener.log_tail_bytes == 0:
+            return 0
+        wanted = [s.log_tail_bytes for s in self.subscriptions if s.log_tail_bytes is not None]
+        return max([self.listener.log_tail_bytes, *wanted])
 
     @field_validator("subscriptions")
     @classmethod

@@ -26,6 +26,7 @@ __all__ = [
     "retry_queue",
     "spool_name",
     "spool_topology",
+    "state_queue",
     "subscription_queue",
     "unrouted_exchange",
     "unrouted_queue",
@@ -60,6 +61,11 @@ def dead_queue(prefix: str) -> str:
     return f"{prefix}.dead"
 
 
+def state_queue(prefix: str, name: str) -> str:
+    """Where a stateful subscription keeps its digests, damping windows and outages."""
+    return f"{prefix}.state.{name}"
+
+
 def spool_name(prefix: str) -> str:
     """The listener's store-and-forward spool (exchange and queue) in its local embedded engine."""
     return f"{prefix}.spool"
@@ -83,6 +89,9 @@ class QueueSpec:
     # Per-queue TTL, then dead-lettered to ``dead_letter_to`` through the default exchange.
     ttl_ms: int | None = None
     dead_letter_to: str | None = None
+    # One consumer at a time gets messages (RabbitMQ's x-single-active-consumer); the
+    # others stand by and take over when it goes. For state only one relay may own.
+    single_active: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +139,7 @@ def full_topology(
     prefix: str,
     subscriptions: Sequence[tuple[str, Sequence[str]]],
     retry_delays_ms: Sequence[int],
+    stateful: Sequence[str] = (),
 ) -> Topology:
     """Everything the relay consumes from: subscriptions, outbound, retry steps, dead letters."""
     outbound = outbound_queue(prefix)
@@ -143,6 +153,7 @@ def full_topology(
         queue = subscription_queue(prefix, name)
         queues.append(QueueSpec(queue))
         bindings += [BindingSpec(queue, events_exchange(prefix), p) for p in patterns]
+    queues += [QueueSpec(state_queue(prefix, name), single_active=True) for name in stateful]
     return event_topology(prefix) + Topology((), tuple(queues), tuple(bindings))
 
 
