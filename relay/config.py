@@ -23,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -355,6 +356,12 @@ class Config(_Strict):
     subscriptions: tuple[Subscription, ...] = ()
     sendmail: SendmailConfig = Field(default_factory=SendmailConfig)
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
+    # The file this was read from ("(defaults)" without one), for errors found after loading.
+    _source: str = PrivateAttr(default="(defaults)")
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     @property
     def log_tail_bytes(self) -> int:
@@ -433,7 +440,9 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     """
     where, data, _ = _read(path, env)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         key, message = _one_line(exc)
         raise ConfigError(message, path=where, key=key) from None
+    config._source = where
+    return config
