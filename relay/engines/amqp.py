@@ -145,6 +145,8 @@ class AmqpEngine(Engine):
                 if q.dead_letter_to is not None:
                     qargs["x-dead-letter-exchange"] = ""
                     qargs["x-dead-letter-routing-key"] = q.dead_letter_to
+                if q.single_active:
+                    qargs["x-single-active-consumer"] = True
                 queues[q.name] = await channel.declare_queue(q.name, durable=True, arguments=qargs)
             for b in topology.bindings:
                 queue = queues.get(b.queue) or await channel.declare_queue(b.queue, passive=True)

@@ -14,6 +14,12 @@ once per ``wake_interval``: a token whose lock they can take belongs to a dead
 process, and its rows return to their queues marked ``redelivered``. A
 cleanly closed engine returns its own unsettled rows first.
 
+Single active consumer (a queue declared ``single_active``, as RabbitMQ's
+``x-single-active-consumer``; the flag is known to the engines that declared
+the queue, as every relay does before it consumes): a consumer first takes a ``flock`` on
+``<db>.run/active-<hash>.lock`` and only then leases rows, so a second
+consumer stands by until the first process ends or stops consuming.
+
 Wake-ups (:mod:`relay.engines.sqlite_wake`): consumers sleep on a unix datagram
 socket that publishers poke after commit, so a new message is noticed in a few
 milliseconds without polling. A fallback timer (``wake_interval``, 1 s) and the
@@ -31,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -120,6 +127,7 @@ class SqliteEngine(Engine):
         # Owned by the event loop:
         self._wake: WakeSocket | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._single_active: set[str] = set()
 
     def __repr__(self) -> str:
         return f"SqliteEngine({self.url!r})"
@@ -265,6 +273,18 @@ class SqliteEngine(Engine):
 
     async def declare(self, topology: Topology) -> None:
         await self._call(lambda: store.declare(self._db(), topology))
+        self._single_active.update(q.name for q in topology.queues if q.single_active)
+
+    async def _stand_by(self, queue: str) -> int | None:
+        """Wait until this engine is the one active consumer of ``queue``; the lock's fd (None: closed)."""
+        assert self._run is not None
+        name = "active-" + hashlib.sha256(queue.encode("utf-8")).hexdigest()[:16]
+        while not self._closed:
+            fd = await self._call(self._run.try_hold, name)
+            if fd is not None:
+                return fd
+            await asyncio.sleep(self.wake_interval)
+        return None
 
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
         await self._call(self._publish_sync, exchange, routing_key, message)
@@ -288,7 +308,10 @@ class SqliteEngine(Engine):
             event.set()
 
         first = True
+        active_fd: int | None = None
         try:
+            if queue in self._single_active:
+                active_fd = await self._stand_by(queue)
             while not self._closed:
                 if buffer:
                     yield buffer.popleft()
@@ -319,6 +342,16 @@ class SqliteEngine(Engine):
             if (seen or unseen) and not self._closed and self._pool is not None:
                 with contextlib.suppress(RuntimeError):
                     self._call(self._release_sync, seen, unseen)
+            if active_fd is not None:
+                # After the release above was queued on the worker: the next consumer finds the rows back.
+                self._give_up_active(active_fd)
+
+    def _give_up_active(self, fd: int) -> None:
+        if self._pool is not None and not self._closed:
+            with contextlib.suppress(RuntimeError):
+                self._call(os.close, fd)
+                return
+        os.close(fd)
 
     async def _take(self, queue: str, limit: int, *, first: bool) -> tuple[list[store.Row], int | None]:
         future = self._call(self._take_sync, queue, limit, first)

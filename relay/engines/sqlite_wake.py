@@ -61,6 +61,20 @@ class RunDir:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
 
+    def try_hold(self, name: str) -> int | None:
+        """Take the lock ``name`` without waiting; None while another process holds it.
+
+        The file is never removed: unlinking a lock file another process is about to
+        open would let two processes each hold "the" lock.
+        """
+        fd = os.open(f"{name}.lock", os.O_RDONLY | os.O_CREAT, 0o644, dir_fd=self.fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
     def let_go(self, token: str, fd: int) -> None:
         """Give up the liveness lock, after our leases were returned."""
         self.unlink(f"{token}.lock")
