@@ -66,7 +66,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 _RESERVED_HEADERS = frozenset({
     "from", "to", "cc", "bcc", "subject", "date", "message-id", "in-reply-to", "references",
     "mime-version", "content-type", "content-transfer-encoding", "sender", "reply-to",
-    "x-opsrelay-event", "x-opsrelay-subscription",
+    "x-opsrelay-event", "x-opsrelay-subscription", "x-opsrelay-kind",
 })
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -280,6 +280,8 @@ class Subscription(_Strict):
     group_interval: Duration = Field(default=0.0, ge=0)
     # Flap damping: at most this many mails per process per hour, then one summary of the rest.
     max_mails_per_hour: int | None = Field(default=None, ge=1)
+    # The window max_mails_per_hour counts in (an hour; shorter only to try the setting out).
+    damping_window: Duration = Field(default=3600.0, gt=0)
     # A "recovered" mail, threaded under the first crash mail, when the process is RUNNING again.
     send_resolved: bool = False
 

@@ -1,9 +1,13 @@
 """``opsrelay serve``: subscriptions -> render -> outbound -> SMTP delivery.
 
 Two kinds of consumer run side by side on one engine: one per subscription
-queue (decode the event, apply the residual filter, render, queue the mail on
-outbound, then ack), and the outbound consumer (send, then apply the pure
-delivery plan: ack, republish to a retry queue, or dead-letter, then ack).
+queue (decode the event, let the subscription's :class:`~relay.notifier.Notifier`
+say which mails it makes, render and queue them on outbound, then ack), and the
+outbound consumer (send, then apply the pure delivery plan: ack, republish to a
+retry queue, or dead-letter, then ack). A stateful subscription (digests,
+damping, recovery notices) first takes ownership of its state queue
+(:class:`~relay.state_keeper.StateKeeper`), saves its state before acking each
+event, and runs a timer that sends digests and damping summaries when due.
 A message is acked only after what replaces it is durable, so a crash at any
 point redelivers rather than loses. On stop the consumers stop taking work,
 what is in flight finishes (bounded), and the rest returns to its queue.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from relay.config import Config, Subscription
@@ -22,14 +27,19 @@ from relay.engines.base import Delivery, Engine, Message, open_engine
 from relay.errors import BrokerUnavailable, MessageDecodeError, PermanentError, RelayError
 from relay.event import decode_event, utcnow_iso
 from relay.mail import Attempt, OutboundMail, from_message, to_message
+from relay.notice import Notice
+from relay.notifier import Notifier
+from relay.notify_state import State
 from relay.render import Renderer
 from relay.smtp import Mailer, SendResult
+from relay.state_keeper import REFRESH, StateKeeper
 from relay.topology import (
     Topology,
     dead_queue,
     full_topology,
     outbound_queue,
     retry_queue,
+    state_queue,
     subscription_queue,
 )
 
@@ -47,6 +57,7 @@ def relay_topology(config: Config) -> Topology:
         config.broker.prefix,
         [(sub.name, sub.bindings()) for sub in config.subscriptions],
         [_ms(step) for step in config.retry.backoff],
+        [sub.name for sub in config.subscriptions if sub.stateful],
     )
 
 
@@ -69,11 +80,23 @@ class Relay:
         self.prefix = config.broker.prefix
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._notifiers = {sub.name: Notifier(sub, config.host) for sub in config.subscriptions}
+        # A stateless subscription's state (recent counts) lives here only; a stateful one's in its keeper.
+        self._states = {sub.name: State() for sub in config.subscriptions}
+        self._keepers: dict[str, StateKeeper] = {}
+        self._locks = {sub.name: asyncio.Lock() for sub in config.subscriptions}
+        self._changed = {sub.name: asyncio.Event() for sub in config.subscriptions}
+
+    @property
+    def owned(self) -> set[str]:
+        """The stateful subscriptions this relay owns (others stand by for them)."""
+        return set(self._keepers)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.engine.declare(relay_topology(self.config))
         consumers = [
-            asyncio.create_task(self._consume(subscription_queue(self.prefix, sub.name),
+            asyncio.create_task(self._run_stateful(sub) if sub.stateful else
+                                self._consume(subscription_queue(self.prefix, sub.name),
                                               self._handler_for(sub), concurrency=4),
                                 name=f"sub:{sub.name}")
             for sub in self.config.subscriptions
@@ -107,6 +130,48 @@ class Relay:
             # Not acked: the broker hands it to the next relay.
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _run_stateful(self, sub: Subscription) -> None:
+        """Own the subscription's state queue, then consume its events and run its timer."""
+        keeper = StateKeeper(self.engine, state_queue(self.prefix, sub.name))
+        tasks = [asyncio.create_task(keeper.run(), name=f"state:{sub.name}")]
+        try:
+            loaded = asyncio.create_task(keeper.loaded.wait())
+            done, _ = await asyncio.wait([tasks[0], loaded], return_when=asyncio.FIRST_COMPLETED)
+            if loaded not in done:
+                loaded.cancel()
+                tasks[0].result()
+                return
+            self._keepers[sub.name] = keeper
+            self._states[sub.name] = keeper.state
+            tasks.append(asyncio.create_task(self._consume(
+                subscription_queue(self.prefix, sub.name), self._handler_for(sub), concurrency=4)))
+            tasks.append(asyncio.create_task(self._timer(sub, keeper)))
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _timer(self, sub: Subscription, keeper: StateKeeper) -> None:
+        """Send digests and damping summaries when due; rewrite an unchanged state now and then."""
+        notifier, changed = self._notifiers[sub.name], self._changed[sub.name]
+        while True:
+            due = notifier.next_due(keeper.state)
+            wait = REFRESH if due is None else min(REFRESH, max(0.0, due - time.time()))
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), wait)
+            if self._stopping:
+                return
+            async with self._locks[sub.name]:
+                notices = notifier.on_timer(keeper.state, time.time())
+                for notice in notices:
+                    await self._queue_notice(sub, notice)
+                if notices or keeper.stale():
+                    await keeper.save()
 
     def _handler_for(self, sub: Subscription) -> Callable[[Delivery], Awaitable[None]]:
         async def handle(delivery: Delivery) -> None:
@@ -169,15 +234,29 @@ class Relay:
 
     async def handle_event(self, sub: Subscription, delivery: Delivery) -> None:
         event = decode_event(delivery.message.body)
-        if not sub.accepts(event):
+        if not (sub.accepts(event) or sub.watches_recovery(event)):
             log.debug("relay: %s: event %s filtered out", sub.name, event.id)
             await delivery.ack()
             return
-        mail = self.renderer.render(sub, event)
-        await self.engine.send(outbound_queue(self.prefix), to_message(mail))
-        log.info("relay: %s: event %s (%s %s) queued as mail %s to %d recipient(s)",
-                 sub.name, event.id, event.program, event.state, mail.message_id, len(mail.recipients))
+        keeper = self._keepers.get(sub.name)
+        async with self._locks[sub.name]:
+            notices = self._notifiers[sub.name].on_event(self._states[sub.name], event, time.time())
+            for notice in notices:
+                await self._queue_notice(sub, notice)
+            if keeper is not None:
+                await keeper.save()  # before the ack: a crash in between redelivers, never forgets
+        if not notices:
+            log.info("relay: %s: event %s (%s %s) kept for a digest or held by damping",
+                     sub.name, event.id, event.program, event.state)
+        self._changed[sub.name].set()
         await delivery.ack()
+
+    async def _queue_notice(self, sub: Subscription, notice: Notice) -> None:
+        mail = self.renderer.render_notice(sub, notice)
+        await self.engine.send(outbound_queue(self.prefix), to_message(mail))
+        log.info("relay: %s: %s of %d event(s) (%s %s) queued as mail %s to %d recipient(s)",
+                 sub.name, notice.kind.value, notice.total, notice.last.program, notice.last.state,
+                 mail.message_id, len(mail.recipients))
 
     async def handle_mail(self, delivery: Delivery) -> None:
         mail = from_message(delivery.message)

@@ -8,9 +8,9 @@ that the caller keeps (and persists). Nothing here does IO or reads a clock.
   crashmail; with them (in the spirit of Alertmanager) the events of one group
   (equal ``group_by`` values) wait ``group_wait`` before the first digest, then a
   group gets at most one digest every ``group_interval``.
-* ``max_mails_per_hour`` counts mails per process (per group for digests) in an
-  hour-long window from the first mail; past it, events are held and one
-  summary of them goes out when the window ends.
+* ``max_mails_per_hour`` counts mails per process (per group for digests) in a
+  window (``damping_window``, an hour) from the first mail; past it, events are
+  held and one summary of them goes out when the window ends.
 * ``send_resolved``: a mail about a process that is down opens an outage; the
   next RUNNING (supervisord only enters RUNNING once the process outlived
   ``startsecs``) ends it with a notice threaded under that first mail. Recovery
@@ -45,6 +45,7 @@ class Notifier:
     def __init__(self, sub: Subscription, host: str) -> None:
         self.sub = sub
         self.host = host
+        self.window = sub.damping_window
 
     # -- events ------------------------------------------------------------------------
 
@@ -111,7 +112,7 @@ class Notifier:
             damping_key = process_key(notice.first) if notice.kind is NoticeKind.EVENT else f"group\x1e{key}"
             notices += self._damped(state, damping_key, notice, now)
         for key, window in list(state.windows.items()):
-            if now >= window.start + HOUR:
+            if now >= window.start + self.window:
                 del state.windows[key]
                 if window.held_total:
                     notices.append(self._summary(state, key, window))
@@ -123,7 +124,7 @@ class Notifier:
 
     def next_due(self, state: State) -> float | None:
         """When :meth:`on_timer` next has something to do (None: nothing waits)."""
-        dues = [p.due for p in state.pending.values()] + [w.start + HOUR for w in state.windows.values()]
+        dues = [p.due for p in state.pending.values()] + [w.start + self.window for w in state.windows.values()]
         return min(dues, default=None)
 
     # -- notices -----------------------------------------------------------------------
@@ -149,7 +150,7 @@ class Notifier:
         identity = f"{key}/{window.start}"
         return Notice(NoticeKind.SUPPRESSED, mail_id(NoticeKind.SUPPRESSED, identity, self.sub.name), events,
                       window.held_total, thread=outage.thread if outage else None,
-                      since=_iso(window.start), until=_iso(window.start + HOUR))
+                      since=_iso(window.start), until=_iso(window.start + self.window))
 
     def _damped(self, state: State, key: str, notice: Notice, now: float) -> list[Notice]:
         """``notice`` if the window of ``key`` has room, else hold its events for the summary."""
@@ -159,7 +160,7 @@ class Notifier:
             return [notice]
         out: list[Notice] = []
         window = state.windows.get(key)
-        if window is None or now >= window.start + HOUR:
+        if window is None or now >= window.start + self.window:
             if window is not None and window.held_total:
                 out.append(self._summary(state, key, window))  # the timer was late: end it first
             window = state.windows[key] = Window(start=now)

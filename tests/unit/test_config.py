@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from relay import config as config_module
-from relay.config import Config, Security, find_config, load_config
+from relay.config import Config, Security, Subscription, find_config, load_config
 from relay.durations import format_duration, parse_duration
 from relay.errors import ConfigError
 
@@ -378,7 +379,13 @@ def test_shipped_config_validates() -> None:
     (crashes,) = config.subscriptions
     assert crashes.name == "crashes"
     assert crashes.to == ("oncall@example.com",)
-    assert crashes.bindings() == ("proc.*.*.*.EXITED", "proc.*.*.*.FATAL")
+    # send_resolved binds RUNNING too, for the recovery notices.
+    assert crashes.bindings() == ("proc.*.*.*.EXITED", "proc.*.*.*.FATAL", "proc.*.*.*.RUNNING")
+    # The recommended mail settings are shown there, while the defaults stay one mail per event.
+    assert (crashes.group_wait, crashes.group_interval, crashes.max_mails_per_hour) == (30.0, 300.0, 6)
+    assert crashes.send_resolved and crashes.stateful
+    assert not Subscription(name="plain", to=("a@example.com",)).stateful
+    assert config.listener.log_tail_bytes == 4096 and config.listener.fetch_timeout == 1.0
 
 
 def test_shipped_config_without_password_names_the_missing_file() -> None:
@@ -386,3 +393,12 @@ def test_shipped_config_without_password_names_the_missing_file() -> None:
         pytest.skip("this machine has the password file")
     err = config_error(SHIPPED)
     assert_one_line(err, SHIPPED, "smtp", "/etc/opsrelay/smtp-password")
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("X-Opsrelay-Kind", "set by opsrelay"), ("Bcc", "set by opsrelay"),
+    ("X Team", "plain token"), ("X-Team:", "plain token"), ("", "plain token"),
+])
+def test_extra_header_names_are_plain_and_never_ours(tmp_path: Path, name: str, problem: str) -> None:
+    path = write(tmp_path / "c.toml", SUBSCRIPTION + f"headers = {{ {json.dumps(name)} = \"x\" }}\n")
+    assert_one_line(config_error(path), path, "subscriptions.0.headers", problem)

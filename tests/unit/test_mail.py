@@ -200,3 +200,57 @@ def test_history_header_is_json_lists() -> None:
     assert json.loads(str(headers["x-history"]))[0] == ["2026-11-27T10:00:00Z", "451 4.3.0 try later",
                                                         ["a@example.com", "b@example.com"]]
     assert json.loads(str(headers["x-recipients"])) == ["a@example.com", "b@example.com"]
+
+
+# -- HTML alternative, threading, extra headers, folding --------------------------------------
+
+
+def test_build_message_html_is_the_second_alternative() -> None:
+    raw = build_message(sender="a@example.com", to=["b@example.com"], subject="s", body="plain ü\n",
+                        html="<p>rich ü</p>\n")
+    msg = parse(raw)
+    assert msg.get_content_type() == "multipart/alternative"
+    text, html = msg.iter_parts()
+    # RFC 2046 §5.1.4: alternatives in increasing preference, so the plain text comes first.
+    assert (text.get_content_type(), html.get_content_type()) == ("text/plain", "text/html")
+    assert text.get_content().replace("\r\n", "\n") == "plain ü\n"
+    assert html.get_content().replace("\r\n", "\n") == "<p>rich ü</p>\n"
+    assert msg.get_all("MIME-Version") == ["1.0"] and text["MIME-Version"] is None and html["MIME-Version"] is None
+
+
+def test_build_message_without_html_is_plain_text() -> None:
+    assert parse(build_message(sender="a@example.com", to=["b@example.com"], subject="s", body="b\n")
+                 ).get_content_type() == "text/plain"
+
+
+def test_build_message_threads_under_a_message_id() -> None:
+    msg = parse(build_message(sender="a@example.com", to=["b@example.com"], subject="s", body="b",
+                              thread="<first@opsrelay.web1>"))
+    # RFC 5322 §3.6.4
+    assert msg["In-Reply-To"] == "<first@opsrelay.web1>"
+    assert msg["References"] == "<first@opsrelay.web1>"
+    unthreaded = parse(build_message(sender="a@example.com", to=["b@example.com"], subject="s", body="b"))
+    assert unthreaded["In-Reply-To"] is None and unthreaded["References"] is None
+
+
+def test_build_message_thread_cannot_inject() -> None:
+    msg = parse(build_message(sender="a@example.com", to=["b@example.com"], subject="s", body="b",
+                              thread="<x@y>\r\nBcc: evil@example.com"))
+    assert msg.get_all("Bcc") is None and "\n" not in str(msg["References"])
+
+
+def test_extra_header_replaces_one_of_the_same_name() -> None:
+    msg = parse(build_message(sender="a@example.com", to=["b@example.com"], subject="s", body="b",
+                              extra_headers=[("Auto-Submitted", "auto-notified"), ("X-A", "1"), ("x-a", "2")]))
+    assert msg.get_all("Auto-Submitted") == ["auto-notified"]
+    assert msg.get_all("X-A") == ["2"]
+
+
+@pytest.mark.parametrize("length", [60, 69, 70, 75, 77, 78, 79, 120, 300])
+def test_long_ascii_subjects_round_trip_without_a_leading_space(length: int) -> None:
+    """CPython folds a 70-77 character value onto its own line ("Subject:" CRLF SP value)."""
+    words = ("crashed (EXITED x10, FATAL x2) " * 20)[:length].strip()
+    raw = build_message(sender="a@example.com", to=["b@example.com"], subject=words, body="b")
+    assert parse(raw)["Subject"] == words
+    assert b"\r\nSubject: " + words.split()[0].encode() in raw
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))

@@ -14,11 +14,12 @@ from relay.config import Config, Subscription
 from relay.errors import ConfigError, MessageDecodeError
 from relay.event import Event, decode_event, encode_event
 from relay.mail import OutboundMail
-from relay.render import Renderer, default_sender, event_context
+from relay.render import Renderer, default_sender
+from relay.render_context import event_context
 
 EXPECTED_HEADERS = {
     "from", "to", "subject", "date", "message-id", "auto-submitted", "x-opsrelay-event",
-    "x-opsrelay-subscription", "content-type", "content-transfer-encoding", "mime-version",
+    "x-opsrelay-subscription", "x-opsrelay-kind", "content-type", "content-transfer-encoding", "mime-version",
 }
 
 
