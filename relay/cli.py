@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -55,23 +56,66 @@ def _logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@app.command()
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def listen(config: ConfigOption = None,
-           verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    """The supervisord eventlistener: PROCESS_STATE events to the events exchange."""
+           verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+           program: Annotated[list[str] | None, typer.Option(
+               "--program", "-p", help="crashmail: mail when this process (NAME or GROUP:NAME) exits "
+                                       "unexpectedly; repeatable")] = None,
+           any_program: Annotated[bool, typer.Option(
+               "--any", "-a", help="crashmail: mail when any process exits unexpectedly (overrides -p)")] = False,
+           email: Annotated[str | None, typer.Option(
+               "--email", "-m", help="crashmail: mail here; this listener then also runs the relay")] = None,
+           optionalheader: Annotated[str | None, typer.Option(
+               "--optionalheader", "-o", help="crashmail: subject prefix, 'PREFIX: NAME crashed at TIME'")] = None,
+           sendmail_program: Annotated[str | None, typer.Option(
+               "--sendmail_program", "-s", help="crashmail: not run; its -f sender is kept")] = None,
+           ignored: Annotated[list[str] | None, typer.Argument(hidden=True, metavar="URL")] = None) -> None:
+    """The supervisord eventlistener: PROCESS_STATE events to the events exchange.
+
+    It also takes superlance crashmail's flags, so `crashmail -a -m ADDR` becomes
+    `opsrelay listen -a -m ADDR`: with -m the listener runs the relay for that mail itself.
+    """
+    from contextlib import AbstractContextManager, nullcontext
+
     from listeners.eventlistener import run, text_streams
     from listeners.publish import make_publisher
+    from relay.config import find_config
+    from relay.crashmail import CrashmailFlags, FlagError, config_with_crashmail, local_mta_env
 
-    cfg = _config(config)
+    try:
+        flags = CrashmailFlags.parse(programs=program or (), any_program=any_program, email=email,
+                                     optional_header=optionalheader, sendmail=sendmail_program, ignored=ignored or ())
+    except FlagError as exc:
+        _fail(str(exc), EX_USAGE)
     _logging(verbose)
+    # crashmail used the host's sendmail: with -m and no config file, the local MTA on port 25.
+    env = local_mta_env(os.environ) if flags.mails and find_config(config) is None else None
+    try:
+        cfg = config_with_crashmail(load_config(config, env), flags)
+    except ConfigurationError as exc:
+        _fail(f"config error: {exc}", EX_CONFIG)
+    for note in flags.notes():
+        logging.getLogger("opsrelay.listener").warning("%s", note)
     # UTF-8 whatever the locale, newlines untouched: supervisord's len: counts characters.
     stdin, stdout = text_streams(sys.stdin.buffer, sys.stdout.buffer)
     try:
         publisher = make_publisher(cfg)
     except ConfigurationError as exc:
         _fail(f"config error: {exc}", EX_CONFIG)
+    hosting: AbstractContextManager[object] = nullcontext()
+    if flags.mails:
+        from listeners.hosted_relay import hosted_relay
+
+        hosting = hosted_relay(cfg)
+    code = EX_OK
     try:
-        code = run(stdin, stdout, publisher, host=cfg.host)
+        with hosting:
+            code = run(stdin, stdout, publisher, host=cfg.host)
+    except ConfigurationError as exc:
+        _fail(f"config error: {exc}", EX_CONFIG)
+    except RelayError as exc:
+        _fail(f"crashmail relay: {exc}", EX_TEMPFAIL)
     finally:
         publisher.close()
     raise typer.Exit(code)
