@@ -319,7 +319,10 @@ def queue_command(config: ConfigOption = None, as_json: JsonOption = False) -> N
     from relay.inspect import queue_stats
 
     # The retry steps as the relay names them (one queue per backoff step).
-    delays = [q.ttl_ms for q in relay_topology(cfg).queues if q.ttl_ms is not None]
+    from relay.topology import outbound_queue
+
+    outbound = outbound_queue(cfg.broker.prefix)
+    delays = [q.ttl_ms for q in relay_topology(cfg).queues if q.ttl_ms is not None and q.dead_letter_to == outbound]
     subs = [s.name for s in cfg.subscriptions]
     stats = _with_engine(cfg, lambda engine: queue_stats(engine, cfg.broker.prefix, delays, subs))
     if as_json:

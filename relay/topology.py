@@ -122,6 +122,11 @@ def _unique(items: Iterable[_T]) -> tuple[_T, ...]:
     return tuple(dict.fromkeys(items))
 
 
+# Every state change no subscription takes (STARTING, RUNNING, ... on most hosts) lands in
+# unrouted; kept a week for `opsrelay unrouted replay`, then dropped, so it cannot grow for ever.
+UNROUTED_TTL_MS = 7 * 24 * 3600 * 1000
+
+
 def event_topology(prefix: str) -> Topology:
     """What a publisher of events needs: the topic exchange and where unmatched events go."""
     unrouted = unrouted_exchange(prefix)
@@ -130,7 +135,7 @@ def event_topology(prefix: str) -> Topology:
             ExchangeSpec(unrouted, ExchangeKind.FANOUT),
             ExchangeSpec(events_exchange(prefix), ExchangeKind.TOPIC, alternate=unrouted),
         ),
-        queues=(QueueSpec(unrouted_queue(prefix)),),
+        queues=(QueueSpec(unrouted_queue(prefix), ttl_ms=UNROUTED_TTL_MS),),
         bindings=(BindingSpec(unrouted_queue(prefix), unrouted, "#"),),
     )
 

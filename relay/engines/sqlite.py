@@ -183,9 +183,11 @@ class SqliteEngine(Engine):
             self._poker.poke(queues)
 
     def _publish_sync(self, exchange: str, routing_key: str, message: Message) -> None:
-        queues, has_ttl = store.publish(self._db(), exchange, routing_key, message)
-        # A TTL row moves a due time: every consumer re-computes how long it may sleep.
-        self._poke([*queues, WAKE_ALL] if has_ttl else queues)
+        queues, ttl_ms = store.publish(self._db(), exchange, routing_key, message)
+        # A row due before the consumers' fallback wake-up moves their due time: each re-computes
+        # how long it may sleep. A longer TTL (the unrouted week) is seen on the next wake anyway.
+        soon = ttl_ms is not None and ttl_ms < self.wake_interval * 1000
+        self._poke([*queues, WAKE_ALL] if soon else queues)
 
     def _reclaim_sync(self, force: bool) -> None:
         """Return the leases of engines whose process is gone (see the module docstring)."""

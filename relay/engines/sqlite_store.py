@@ -201,8 +201,8 @@ def _route(conn: sqlite3.Connection, exchange: str, key: str) -> list[str]:
             return []
 
 
-def publish(conn: sqlite3.Connection, exchange: str, key: str, message: Message) -> tuple[list[str], bool]:
-    """Store one row per destination queue; returns the queues and whether any has a TTL."""
+def publish(conn: sqlite3.Connection, exchange: str, key: str, message: Message) -> tuple[list[str], int | None]:
+    """Store one row per destination queue; returns the queues and the shortest TTL among them."""
     headers = json.dumps(dict(message.headers), ensure_ascii=False, separators=(",", ":"))
     now = now_ms()
     with _immediate(conn):
@@ -210,16 +210,17 @@ def publish(conn: sqlite3.Connection, exchange: str, key: str, message: Message)
         if not queues:
             # Like the AMQP engine's mandatory publish: never let a message vanish silently.
             raise ConfigurationError(f"exchange {exchange!r} routes {key!r} to no queue")
-        has_ttl = False
+        shortest: int | None = None
         for queue in queues:
             ttl = conn.execute("SELECT ttl_ms FROM queues WHERE name = ?", (queue,)).fetchone()[0]
-            has_ttl = has_ttl or ttl is not None
+            if ttl is not None:
+                shortest = ttl if shortest is None else min(shortest, ttl)
             conn.execute(
                 f"{_INSERT} VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (queue, message.body, message.message_id, message.content_type, headers, key,
                  None if ttl is None else now + ttl),
             )
-    return queues, has_ttl
+    return queues, shortest
 
 
 def _row(values: tuple[int, bytes, str, str, str, str, int]) -> Row:
