@@ -20,6 +20,13 @@ Rows, one supervisord each, run one after the other:
   delivering every mail over STARTTLS + AUTH to ``tests.smtp_server.SmtpServer``;
 * no listener at all, for a shorter storm: how fast supervisord alone restarts them.
 
+A second table (issue 6) asks whether the log tails cost events: the listener fetches
+exit status and log tail from supervisord's XML-RPC while supervisord waits for its
+answer. The programs print a three-line traceback to stderr before they exit
+(:data:`STDERR_CRASH`), and the example's pool runs the storm twice: without the
+enrichment (the listener's ``SUPERVISOR_ENABLED`` emptied through ``environment=``,
+so ``make_enricher`` gives none) and with it (``listener.log_tail_bytes = 4096``).
+
 Every unexpected exit is identified by program and pid: supervisord logs
 ``spawned: 'storm_1' with pid N`` then ``exited: storm_1 (exit status 1; not expected)``.
 An exit counts as delivered when an event (opsrelay: a row of the subscription queue)
@@ -42,7 +49,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -242,12 +249,17 @@ class Supervisord:
         self.stop()
 
 
-def listener_section(config: Path, logdir: Path, listeners: int = LISTENERS, buffer_size: int = BUFFER_SIZE) -> str:
-    """``[eventlistener:opsrelay]`` as supervisord.conf.example registers it (numprocs, buffer_size)."""
+def listener_section(config: Path, logdir: Path, listeners: int = LISTENERS, buffer_size: int = BUFFER_SIZE,
+                     *, enrich: bool = True) -> str:
+    """``[eventlistener:opsrelay]`` as supervisord.conf.example registers it (numprocs, buffer_size).
+
+    ``enrich=False``: without the XML-RPC enrichment (``make_enricher`` gives none outside supervisord).
+    """
+    environment = "" if enrich else 'environment=SUPERVISOR_ENABLED=""\n'
     return (f"[eventlistener:opsrelay]\ncommand={BIN / 'opsrelay'} listen --config {config}\n"
             "process_name=%(program_name)s_%(process_num)02d\n"
             f"numprocs={listeners}\nevents=PROCESS_STATE,TICK_5\nbuffer_size={buffer_size}\nautorestart=true\n"
-            f"stderr_logfile={logdir / 'listener-%(process_num)02d.log'}\n\n")
+            f"{environment}stderr_logfile={logdir / 'listener-%(process_num)02d.log'}\n\n")
 
 
 def listener_names(listeners: int = LISTENERS) -> list[str]:
@@ -255,9 +267,14 @@ def listener_names(listeners: int = LISTENERS) -> list[str]:
     return [f"opsrelay:opsrelay_{i:02d}" for i in range(listeners)]
 
 
-def _storm_programs() -> str:
+# Three lines on stderr, then exit 1: what a crashing Python job leaves for the log tail.
+STDERR_CRASH = ("/bin/sh -c 'echo \"Traceback (most recent call last):\" >&2; "
+                "echo \"  File job.py, line 7, in run\" >&2; echo \"RuntimeError: storm\" >&2; exit 1'")
+
+
+def _storm_programs(command: str = "/bin/false") -> str:
     # autostart=false: the storm starts once every listener is up, and its start is known.
-    return "".join(f"[program:{name}]\ncommand=/bin/false\nstartsecs=0\nautorestart=true\nautostart=false\n\n"
+    return "".join(f"[program:{name}]\ncommand={command}\nstartsecs=0\nautorestart=true\nautostart=false\n\n"
                    for name in PROGRAMS)
 
 
@@ -277,6 +294,10 @@ class StormRow:
     listener_cpu_s: float = 0.0  # CPU of the listener processes (crashmail: with its msmtp children)
     supervisord_cpu_s: float = 0.0  # supervisord's own CPU over the storm and the drain
     busy_s: float = 0.0  # wall time of the storm and the drain
+    # opsrelay: of the delivered unexpected exits, how many carry each enrichment, and the notes given instead
+    with_status: int = 0
+    with_tail: int = 0
+    notes: Counter[str] = field(default_factory=Counter)
 
     @property
     def seconds(self) -> float:
@@ -395,7 +416,8 @@ def _depth(url: str, queues: Sequence[str]) -> int:
     return asyncio.run(count())
 
 
-def opsrelay_storm(work: Path, seconds: float, listeners: int, buffer_size: int) -> StormRow:
+def opsrelay_storm(work: Path, seconds: float, listeners: int, buffer_size: int, *, enrich: bool = True,
+                   command: str = "/bin/false", label: str = "") -> StormRow:
     from relay.config import load_config
     from relay.daemon import relay_topology
     from relay.engines.sqlite import SqliteEngine
@@ -407,6 +429,7 @@ def opsrelay_storm(work: Path, seconds: float, listeners: int, buffer_size: int)
     prefix = "storm"
     config = work / "opsrelay.toml"
     config.write_text(f'host = "bench"\n\n[broker]\nurl = "{url}"\nprefix = "{prefix}"\n\n'
+                      "[listener]\nlog_tail_bytes = 4096\n\n"
                       f'[[subscriptions]]\nname = "crashes"\nto = ["{MAILTO}"]\nstates = ["EXITED"]\n'
                       "unexpected_only = true\n", encoding="utf-8")
 
@@ -422,7 +445,7 @@ def opsrelay_storm(work: Path, seconds: float, listeners: int, buffer_size: int)
 
     asyncio.run(declare())
     crashes, unrouted = subscription_queue(prefix, "crashes"), unrouted_queue(prefix)
-    sections = listener_section(config, work, listeners, buffer_size) + _storm_programs()
+    sections = listener_section(config, work, listeners, buffer_size, enrich=enrich) + _storm_programs(command)
     with Supervisord(work, sections) as sv:
         sv.wait_for(lambda: all(sv.states().get(n) == "RUNNING" for n in listener_names(listeners)), 15,
                     what="the listeners")
@@ -434,17 +457,19 @@ def opsrelay_storm(work: Path, seconds: float, listeners: int, buffer_size: int)
     fails = sum(path.read_text(encoding="utf-8", errors="replace").count("answered FAIL")
                 for path in work.glob("listener-*.log"))
     events = [e for e in queue_events(url, [crashes, unrouted]) if isinstance(e, Event)]
-    delivered = Counter((e.process, e.pid or 0) for e in events
-                        if e.state == "EXITED" and e.expected is False and e.process in PROGRAMS)
+    crashed = [e for e in events if e.state == "EXITED" and e.expected is False and e.process in PROGRAMS]
+    delivered = Counter((e.process, e.pid or 0) for e in crashed)
     # The storm's own events: the stop at its end (STOPPING, STOPPED) trickles in while supervisorctl works.
     stamps = sorted(datetime.strptime(e.at, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp() for e in events
                     if e.process in PROGRAMS and e.state in ("STARTING", "RUNNING", "EXITED"))
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
-    label = f"opsrelay listen x{listeners}, buffer_size={buffer_size}"
+    label = label or f"opsrelay listen x{listeners}, buffer_size={buffer_size}"
     troubles = fails + _listener_exits(log, (n.partition(":")[2] for n in listener_names(listeners)))
     return StormRow(label, exits(log, PROGRAMS), delivered, overflows(log), troubles, max(0.0, last - stopped),
                     len(events), rate, listener_cpu_s=cpu.listener, supervisord_cpu_s=cpu.supervisord,
-                    busy_s=cpu.busy)
+                    busy_s=cpu.busy, with_status=sum(e.exit_status == 1 for e in crashed),
+                    with_tail=sum("RuntimeError: storm" in (e.log_tail or "") for e in crashed),
+                    notes=Counter(note for e in crashed for note in e.notes))
 
 
 def bare_storm(work: Path, seconds: float) -> StormRow:
@@ -567,3 +592,54 @@ def run(seconds: float = 30.0, short_seconds: float = 10.0) -> None:
             f"1-minute load average {load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs.",
         ],
     )
+    log_tails(seconds)
+
+
+def _tail_cells(row: StormRow) -> list[str]:
+    n = len(row.exits)
+    return [row.name, f"{row.seconds:.1f}", f"{n:,}", f"{row.exits_per_s:,.0f}", f"{n - row.lost:,}",
+            f"{row.lost:,}", f"{100 * row.lost / n:.1f}%" if n else "-", f"{row.overflowed:,}",
+            f"{row.with_status:,}", f"{row.with_tail:,}", f"{sum(row.notes.values()):,}", f"{row.drain_s:.1f}",
+            f"{row.troubles}", f"{row.listener_cpu_s / row.handled * 1e3:.2f}" if row.handled else "",
+            f"{row.supervisord_cpu_s / row.busy_s:.2f}"]
+
+
+def log_tails(seconds: float = 30.0) -> list[StormRow]:
+    """The example's pool in a storm of programs that print to stderr: without, then with the log tails."""
+    from listeners.enrich import MAIN_LOG_BYTES
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="opsrelay-storm-tails-", dir=bench_dir()) as tmp:
+        work = Path(tmp)
+        rows = [opsrelay_storm(work / "plain", seconds, LISTENERS, BUFFER_SIZE, enrich=False, command=STDERR_CRASH,
+                               label=f"opsrelay listen x{LISTENERS}, no enrichment"),
+                opsrelay_storm(work / "tails", seconds, LISTENERS, BUFFER_SIZE, enrich=True, command=STDERR_CRASH,
+                               label=f"opsrelay listen x{LISTENERS}, exit status + 4 KiB log tail")]
+    load_after = os.getloadavg()[0]
+    if rows[1].with_tail == 0:
+        raise RuntimeError("the enriched storm fetched no log tail: does `opsrelay listen` pass "
+                           "listeners.enrich.make_enricher(...) to run()?")
+    if rows[0].with_tail or rows[0].with_status:
+        raise RuntimeError("the storm without enrichment has enriched events: the switch did not work")
+    notes = rows[1].notes.most_common(3)
+    print_table(
+        f"Crash storm with log tails: {len(PROGRAMS)} programs print 3 lines to stderr, exit 1; startsecs=0, "
+        "autorestart=true",
+        ["listener", "storm s", "unexpected exits", "exits/s", "delivered", "lost", "lost %", "overflowed lines",
+         "with exit status", "with log tail", "notes", "drain s", "FAIL/exits", "listener CPU ms/event",
+         "supervisord CPU s/s"],
+        [_tail_cells(r) for r in rows],
+        notes=[
+            f"buffer_size={BUFFER_SIZE}, events=PROCESS_STATE,TICK_5, embedded queue, as the first table. The "
+            "enrichment runs while supervisord waits for the listener's answer: one XML-RPC system.multicall per "
+            "EXITED/FATAL/BACKOFF event over supervisord's unix socket (getProcessInfo, the 4 KiB stderr and stdout "
+            f"tails, the last {MAIN_LOG_BYTES // 1024} KiB of supervisord's own log), bounded by "
+            "listener.fetch_timeout (1 s).",
+            "with exit status: delivered unexpected exits whose event says exit_status 1 (supervisord had already "
+            "respawned the program, so it came from supervisord's log, matched by pid); with log tail: whose "
+            "log_tail holds the traceback's last line; notes: events saying what is missing instead.",
+            *(f"note x{count:,}: {note}" for note, count in notes),
+            f"1-minute load average {load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs.",
+        ],
+    )
+    return rows

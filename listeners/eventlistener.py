@@ -14,6 +14,12 @@ moves text between the streams it is given and the publisher.
   FAIL would only bring the same unreadable event back forever.
 * TICK_* events call the publisher's ``tick()`` when it has one (a spooling
   publisher forwards what it spooled); it must not block.
+* An ``enrich`` callable (listeners.enrich: exit status, signal, log tail from
+  supervisord's XML-RPC) may add to an event before it is published. It runs
+  while supervisord waits for our answer, so it must bound itself
+  (``listener.fetch_timeout``); it never changes the event's id, which comes
+  from the envelope, so a resend is still the same event. An exception from it
+  costs the enrichment, never the event.
 
 stdout carries the protocol and nothing else; logs go to the
 ``opsrelay.listener`` logger (stderr).
@@ -38,6 +44,7 @@ from relay.event import Event
 
 __all__ = [
     "Decision",
+    "Enrich",
     "Ignore",
     "Malformed",
     "Publish",
@@ -55,6 +62,10 @@ log = logging.getLogger("opsrelay.listener")
 class Publisher(Protocol):
     def publish(self, event: Event) -> None:
         """Return once the event is durable; raise a :class:`RelayError` otherwise."""
+
+
+# Adds what supervisord knows beyond the payload; returns at once for events it does not enrich.
+Enrich = Callable[[Event], Event]
 
 
 @runtime_checkable
@@ -177,22 +188,34 @@ def _next_header(stdin: TextIO, *, framed: bool) -> tuple[str, Header | HeaderEr
         log.warning("discarded %r while looking for the next event header", line)
 
 
+def _enriched(event: Event, enrich: Enrich | None) -> Event:
+    if enrich is None:
+        return event
+    try:
+        return enrich(event)
+    except Exception:
+        # A bug in the enrichment must not cost the event (nor leave it unanswered).
+        log.exception("enriching %s %s failed; published without it", event.program, event.state)
+        return replace(event, notes=(*event.notes, "log tail unavailable: the listener failed to fetch it "
+                                                   "(see its log)"))
+
+
 def _publish(event: Event, publisher: Publisher) -> str:
     try:
         publisher.publish(event)
     except RelayError as exc:
         log.warning(
             "publish of %s %s failed, answered FAIL (supervisord will resend): %s: %s",
-            event.program, event.state, type(exc).__name__, _one_line(str(exc)),
+            event.program or "supervisord", event.state, type(exc).__name__, _one_line(str(exc)),
         )
         return protocol.result_fail()
     return protocol.result_ok()
 
 
-def _answer(header: Header, payload: str, publisher: Publisher, host: str) -> str:
+def _answer(header: Header, payload: str, publisher: Publisher, host: str, enrich: Enrich | None) -> str:
     decision = decide(header, payload, host=host, origin=str(os.getppid()))
     if isinstance(decision, Publish):
-        return _publish(decision.event, publisher)
+        return _publish(_enriched(decision.event, enrich), publisher)
     if isinstance(decision, Ignore) and decision.eventname.startswith("TICK_") and isinstance(publisher, Ticker):
         try:
             publisher.tick()
@@ -220,10 +243,12 @@ def run(
     host: str,
     max_events: int | None = None,
     sleep: Callable[[float], object] = time.sleep,
+    enrich: Enrich | None = None,
 ) -> int:
     """Serve supervisord until stdin ends (or ``max_events`` were answered); returns the exit code.
 
     ``stdin`` must count characters as supervisord does: see :func:`text_streams`.
+    ``enrich`` adds to each event before it is published (see the module's docstring).
     """
     answered = 0
     failures = 0
@@ -248,7 +273,7 @@ def run(
             payload = _read_exactly(stdin, header.length)
             if payload is None:
                 return 0
-            result = _answer(header, payload, publisher, host)
+            result = _answer(header, payload, publisher, host, enrich)
         failures = failures + 1 if result == protocol.result_fail() else 0
         _send(stdout, result)
         answered += 1

@@ -25,7 +25,7 @@ from relay.config import Config
 from relay.engines.base import Engine, Message, open_engine
 from relay.errors import BrokerUnavailable, RelayError
 from relay.event import CONTENT_TYPE, Event, encode_event
-from relay.routing import event_key
+from relay.routing import event_key, supervisor_key
 from relay.topology import event_topology, events_exchange
 
 __all__ = ["EnginePublisher", "ListenerPublisher", "LoopThread", "Upstream", "event_message", "make_publisher"]
@@ -52,8 +52,14 @@ class Upstream(Protocol):
 
 
 def event_message(event: Event) -> tuple[str, Message]:
-    """The routing key and the message of an event (DESIGN.md: the public event contract)."""
-    key = event_key(event.host, event.group, event.process, event.state)
+    """The routing key and the message of an event (DESIGN.md: the public event contract).
+
+    supervisord's own state changes go to ``sup.<host>.<STATE>``, so that no ``proc.`` binding sees them.
+    """
+    if event.is_supervisor:
+        key = supervisor_key(event.host, event.state)
+    else:
+        key = event_key(event.host, event.group, event.process, event.state)
     return key, Message(encode_event(event), message_id=event.id, content_type=CONTENT_TYPE)
 
 

@@ -1,4 +1,4 @@
-"""supervisord PROCESS_STATE_* payloads -> :class:`relay.event.Event` (pure).
+"""supervisord PROCESS_STATE_* and SUPERVISOR_STATE_CHANGE_* payloads -> :class:`relay.event.Event` (pure).
 
 What each type carries after ``processname groupname from_state`` is fixed by
 ``get_extra_values`` in supervisor/events.py:
@@ -10,6 +10,10 @@ STOPPED
 EXITED                    ``expected`` (0 or 1), ``pid``
 FATAL, UNKNOWN            nothing more
 ========================  ==========================
+
+supervisord's own lifecycle, ``SUPERVISOR_STATE_CHANGE_RUNNING`` and
+``_STOPPING`` (``SupervisorRunningEvent`` / ``SupervisorStoppingEvent``), has an
+empty payload: it becomes an event with empty ``group`` and ``process``.
 """
 
 from __future__ import annotations
@@ -19,16 +23,20 @@ from dataclasses import replace
 
 from listeners.protocol import parse_fields
 from relay.errors import ProtocolError
-from relay.event import STATES, Event
+from relay.event import STATES, SUPERVISOR_PREFIX, Event
 
-__all__ = ["PREFIX", "event_from_payload", "handles"]
+__all__ = ["PREFIX", "SUPERVISOR_STATES", "event_from_payload", "handles"]
 
 PREFIX = "PROCESS_STATE_"
+# The only SUPERVISOR_STATE_CHANGE_* types supervisor/events.py defines.
+SUPERVISOR_STATES = ("RUNNING", "STOPPING")
 _DIGITS = re.compile(r"[0-9]+")
 
 
 def handles(eventname: str) -> bool:
     """True for the event types this listener turns into events."""
+    if eventname.startswith(SUPERVISOR_PREFIX):
+        return eventname[len(SUPERVISOR_PREFIX) :] in SUPERVISOR_STATES
     return eventname.startswith(PREFIX) and eventname[len(PREFIX) :] in STATES
 
 
@@ -51,12 +59,17 @@ def _expected(raw: str | None) -> bool | None:
 
 
 def event_from_payload(eventname: str, payload: str, *, host: str, at: str | None = None) -> Event | None:
-    """The event for a PROCESS_STATE_* payload; None for types not handled (TICK_*, PROCESS_LOG_*, ...).
+    """The event for a PROCESS_STATE_* or SUPERVISOR_STATE_CHANGE_* payload; None for types not handled
+    (TICK_*, PROCESS_LOG_*, ...).
 
     Raises :class:`ProtocolError` for a PROCESS_STATE payload that cannot be read.
     """
     if not handles(eventname):
         return None
+    if eventname.startswith(SUPERVISOR_PREFIX):
+        # The payload is empty (events.SupervisorStateChangeEvent); nothing in it to read or refuse.
+        event = Event(host=host, group="", process="", event=eventname, state=eventname[len(SUPERVISOR_PREFIX) :])
+        return event if at is None else replace(event, at=at)
     if "\n" in payload:
         raise ProtocolError("PROCESS_STATE payload spans more than one line")
     fields = parse_fields(payload)

@@ -78,6 +78,7 @@ def listen(config: ConfigOption = None,
     """
     from contextlib import AbstractContextManager, nullcontext
 
+    from listeners.enrich import make_enricher
     from listeners.eventlistener import run, text_streams
     from listeners.publish import make_publisher
     from relay.config import find_config
@@ -111,7 +112,7 @@ def listen(config: ConfigOption = None,
     code = EX_OK
     try:
         with hosting:
-            code = run(stdin, stdout, publisher, host=cfg.host)
+            code = run(stdin, stdout, publisher, host=cfg.host, enrich=make_enricher(cfg, os.environ))
     except ConfigurationError as exc:
         _fail(f"config error: {exc}", EX_CONFIG)
     except RelayError as exc:

@@ -1,7 +1,8 @@
 """Routing keys, AMQP topic matching and subscription selectors, all pure.
 
-Keys are ``proc.<host>.<group>.<process>.<STATE>``. Each word is
-percent-encoded (everything but ``A-Z a-z 0-9 _ -``) so that a name holding
+Keys are ``proc.<host>.<group>.<process>.<STATE>`` for a process's state
+change and ``sup.<host>.<STATE>`` for supervisord's own (RUNNING, STOPPING:
+``SUPERVISOR_STATE_CHANGE_*``). Each word is percent-encoded (everything but ``A-Z a-z 0-9 _ -``) so that a name holding
 ``.``, ``*``, ``#``, ``%``, spaces or non-ASCII stays one word.
 
 AMQP caps a routing key at 255 bytes (a shortstr). A word whose encoding is
@@ -30,6 +31,7 @@ __all__ = [
     "event_key",
     "key_fields",
     "split_key",
+    "supervisor_key",
     "topic_matches",
 ]
 
@@ -71,6 +73,11 @@ def decode_word(word: str) -> str:
 
 def event_key(host: str, group: str, process: str, state: str) -> str:
     return ".".join(["proc", *(encode_word(w) for w in (host, group, process)), encode_word(state)])
+
+
+def supervisor_key(host: str, state: str) -> str:
+    """The key of supervisord's own state change, ``sup.<host>.<STATE>``."""
+    return ".".join(["sup", encode_word(host), encode_word(state)])
 
 
 def split_key(key: str) -> list[str]:
@@ -171,12 +178,17 @@ class KeyFields:
 
 
 def key_fields(key: str) -> KeyFields | None:
-    """The names in a ``proc.`` key, or None when it is not one or a word was shortened."""
+    """The names in a ``proc.`` or ``sup.`` key (group and process empty for ``sup.``, as in its
+    event), or None when it is neither or a word was shortened."""
     words = split_key(key)
-    if len(words) != 5 or words[0] != "proc":
+    shape = (words[0], len(words)) if words else None
+    if shape not in (("proc", 5), ("sup", 3)):
         return None
     try:
-        host, group, process, state = (decode_word(w) for w in words[1:])
+        names = [decode_word(w) for w in words[1:]]
     except ValueError:
         return None
+    if len(names) == 2:
+        return KeyFields(names[0], "", "", names[1])
+    host, group, process, state = names
     return KeyFields(host, group, process, state)

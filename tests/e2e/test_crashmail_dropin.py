@@ -84,9 +84,6 @@ class CrashmailSupervisor(Supervisor):
                            for key, value in options.items()), ""]
         self.conf_path.write_text("\n".join(sections), encoding="utf-8")
 
-    def _delete_broker_objects(self) -> None:
-        """The embedded queue lives in the test's directory: nothing on a shared broker to clean."""
-
     def queued(self, flags: CrashmailFlags) -> dict[str, list[Message]]:
         """What waits in each queue the listener's relay declares (unrouted included), left in place."""
         cfg = hosted_config(config_with_crashmail(load_config(self.config_path, env={}), flags))

@@ -146,7 +146,7 @@ def test_unhandled_event_types_are_acked_without_publishing() -> None:
     stream = (
         envelope("TICK_60", "when:1700000000", 1)
         + envelope("PROCESS_LOG_STDERR", "processname:a groupname:a pid:1 channel:stderr\nboom\n", 2)
-        + envelope("SUPERVISOR_STATE_CHANGE_RUNNING", "", 3)
+        + envelope("PROCESS_GROUP_ADDED", "groupname:a\n", 3)
         + envelope("PROCESS_STATE_RUNNING", "processname:a groupname:a from_state:STARTING pid:9", 4)
     )
     publisher = RecordingPublisher()

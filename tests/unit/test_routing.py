@@ -17,6 +17,7 @@ from relay.routing import (
     event_key,
     key_fields,
     split_key,
+    supervisor_key,
     topic_matches,
 )
 
@@ -305,3 +306,32 @@ def test_key_fields_decodes_a_key() -> None:
 )
 def test_key_fields_none_for_other_keys(key: str) -> None:
     assert key_fields(key) is None
+
+
+# -- supervisord's own lifecycle: sup.<host>.<STATE> ----------------------------------------
+
+
+def test_supervisor_key_encodes_the_host() -> None:
+    assert supervisor_key("web1", "RUNNING") == "sup.web1.RUNNING"
+    assert supervisor_key("db.main #2", "STOPPING") == "sup.db%2Emain%20%232.STOPPING"
+
+
+def test_key_fields_decodes_a_sup_key() -> None:
+    assert key_fields(supervisor_key("db.main", "STOPPING")) == KeyFields("db.main", "", "", "STOPPING")
+
+
+@pytest.mark.parametrize("key", ["sup", "sup.web1", "sup.web1.RUNNING.x", "sup.w%Z1.RUNNING",
+                                 supervisor_key("h" * 200, "RUNNING")])
+def test_key_fields_none_for_bad_sup_keys(key: str) -> None:
+    assert key_fields(key) is None
+
+
+def test_sup_keys_reach_sup_patterns_and_no_process_selector() -> None:
+    key = supervisor_key("web1", "RUNNING")
+    assert topic_matches("sup.#", key) and topic_matches("sup.*.RUNNING", key)
+    assert not topic_matches("proc.#", key)
+    everything = Selector(states=STATES)
+    assert not any(topic_matches(b, key) for b in everything.bindings())
+    sub = Subscription.model_validate({"name": "lifecycle", "to": ["a@example.com"], "patterns": ["sup.*.*"]})
+    fields = key_fields(key)
+    assert fields is not None and sub.accepts(fields)

@@ -139,7 +139,8 @@ def test_defaults_for_at_and_id() -> None:
         ("PROCESS_LOG_STDERR", "processname:a groupname:a pid:1 channel:stderr\nTraceback (most recent):\n"),
         ("PROCESS_COMMUNICATION_STDOUT", "processname:a groupname:a pid:1\nhello"),
         ("PROCESS_GROUP_ADDED", "groupname:workers\n"),
-        ("SUPERVISOR_STATE_CHANGE_RUNNING", ""),
+        ("SUPERVISOR_STATE_CHANGE", ""),
+        ("SUPERVISOR_STATE_CHANGE_RESTARTING", ""),
         ("REMOTE_COMMUNICATION", "type:x\ndata"),
         ("PROCESS_STATE", "processname:a groupname:a from_state:RUNNING"),
         ("PROCESS_STATE_BOGUS", "processname:a groupname:a from_state:RUNNING"),
@@ -171,3 +172,36 @@ def test_other_event_types_are_not_handled(eventname: str, payload: str) -> None
 def test_malformed_process_state_payload(eventname: str, payload: str, reason: str) -> None:
     with pytest.raises(ProtocolError, match=reason):
         event_from_payload(eventname, payload, host="h")
+
+
+# -- supervisord's own lifecycle ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("event_cls", "state"), [(events.SupervisorRunningEvent, "RUNNING"),
+                                                  (events.SupervisorStoppingEvent, "STOPPING")])
+def test_supervisord_lifecycle_events(event_cls: type, state: str) -> None:
+    eventname = events.getEventNameByType(event_cls)
+    payload = event_cls().payload()
+    assert (eventname, payload) == (f"SUPERVISOR_STATE_CHANGE_{state}", "")
+    assert handles(eventname)
+    event = event_from_payload(eventname, payload, host="web1", at=AT)
+    assert event is not None
+    assert (event.host, event.group, event.process, event.event, event.state, event.at) == (
+        "web1", "", "", eventname, state, AT)
+    assert (event.from_state, event.expected, event.pid, event.tries, event.log_tail) == (None,) * 5
+    assert event.is_supervisor
+    assert decode_event(encode_event(event)) == event
+
+
+def test_supervisord_lifecycle_events_are_published_under_sup() -> None:
+    from listeners.publish import event_message
+
+    running = event_from_payload("SUPERVISOR_STATE_CHANGE_RUNNING", "", host="db.main")
+    assert running is not None
+    key, message = event_message(running)
+    assert key == "sup.db%2Emain.RUNNING"
+    assert decode_event(message.body) == running
+    assert message.message_id == running.id
+    crash = event_from_payload("PROCESS_STATE_FATAL", "processname:a groupname:g from_state:BACKOFF", host="h")
+    assert crash is not None
+    assert event_message(crash)[0] == "proc.h.g.a.FATAL"
