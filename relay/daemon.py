@@ -239,7 +239,9 @@ class Relay:
             await delivery.ack()
             return
         keeper = self._keepers.get(sub.name)
-        async with self._locks[sub.name]:
+        # A stateful subscription's events take turns: its state is saved after each one. A
+        # stateless one's notifier only counts recent events, synchronously: no turn to take.
+        async with self._locks[sub.name] if keeper is not None else contextlib.nullcontext():
             notices = self._notifiers[sub.name].on_event(self._states[sub.name], event, time.time())
             for notice in notices:
                 await self._queue_notice(sub, notice)

@@ -145,10 +145,12 @@ class Supervisor:
 
     def __init__(self, root: Path, *, broker_url: str, prefix: str, smtp: Mapping[str, object],
                  subscriptions: Sequence[Mapping[str, TomlValue]], programs: Sequence[Program] = (),
-                 host: str = "e2ehost", backoff: Sequence[str] = ("200ms",), max_attempts: int = 3) -> None:
+                 host: str = "e2ehost", backoff: Sequence[str] = ("200ms",), max_attempts: int = 3,
+                 listener_events: str = "PROCESS_STATE,TICK_5") -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.broker_url, self.prefix, self.host = broker_url, prefix, host
+        self.listener_events = listener_events
         self.programs = list(programs)
         self.config_path = root / "opsrelay.toml"
         self.conf_path = root / "supervisord.conf"
@@ -202,7 +204,7 @@ class Supervisor:
             "[supervisorctl]", f"serverurl=unix://{self.socket_path}", "",
             "[eventlistener:opsrelay]",
             f"command={opsrelay} listen --config {self.config_path}",
-            "events=PROCESS_STATE,TICK_5",
+            f"events={self.listener_events}",
             # The default buffer of 10 drops the oldest events on a burst (see supervisord.conf.example).
             "buffer_size=1024", "autorestart=true", "stopwaitsecs=5",
             f"stderr_logfile={self.listener_log_path}", "",

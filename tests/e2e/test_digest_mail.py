@@ -21,17 +21,18 @@ pytestmark = [pytest.mark.supervisord, pytest.mark.rabbitmq]
 
 HOST = "e2ehost"
 ONCALL = "oncall@example.test"
-Start = Callable[[Sequence[Mapping[str, TomlValue]], Sequence[Program]], Supervisor]
+Start = Callable[..., Supervisor]
 
 
 @pytest.fixture
 def start(tmp_path: Path, amqp_url: str, prefix: str, smtp_server: SmtpServer) -> Iterator[Start]:
     started: list[Supervisor] = []
 
-    def go(subscriptions: Sequence[Mapping[str, TomlValue]], programs: Sequence[Program]) -> Supervisor:
+    def go(subscriptions: Sequence[Mapping[str, TomlValue]], programs: Sequence[Program],
+           events: str = "PROCESS_STATE,TICK_5") -> Supervisor:
         sv = Supervisor(tmp_path / f"sv{len(started)}", broker_url=amqp_url, prefix=prefix,
                         smtp=smtp_server.client_settings(), subscriptions=subscriptions,
-                        programs=programs, host=HOST)
+                        programs=programs, host=HOST, listener_events=events)
         started.append(sv)
         return sv.start()
 
@@ -136,3 +137,16 @@ def test_a_recovered_process_gets_a_notice_threaded_under_its_crash_mail(
     assert crash["Message-ID"] in str(recovered["References"])
     assert re.search(r"\d+(\.\d+)?\s*s", body(recovered)), body(recovered)
     assert len(mails_to(smtp_server, ONCALL)) == 2
+
+
+@pytest.mark.timeout(60)
+def test_supervisord_running_is_published_as_a_sup_event_and_mailed(start: Start, smtp_server: SmtpServer) -> None:
+    sv = start([{"name": "supervisord", "to": [ONCALL], "patterns": ["sup.*.RUNNING"]}], [],
+               events="PROCESS_STATE,TICK_5,SUPERVISOR_STATE_CHANGE")
+    # supervisord buffers its RUNNING event until the listener is READY; the relay mails it.
+    sv.wait_for(lambda: mails_to(smtp_server, ONCALL), 20, what="the mail about supervisord itself")
+    [mail] = mails_to(smtp_server, ONCALL)
+    message = parsed(mail)
+    assert message["Subject"] == f"[opsrelay] {HOST}: supervisord is running"
+    assert f"supervisord on {HOST} is running" in body(message)
+    assert "event     SUPERVISOR_STATE_CHANGE_RUNNING" in body(message)
