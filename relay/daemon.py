@@ -25,7 +25,7 @@ from relay.config import Config, Subscription
 from relay.delivery import DeadLetter, Decision, Delivered, Hold, Retry, decide
 from relay.engines.base import Delivery, Engine, Message, open_engine
 from relay.errors import BrokerUnavailable, MessageDecodeError, PermanentError, RelayError
-from relay.event import decode_event, utcnow_iso
+from relay.event import CONTENT_TYPE, decode_event, encode_event, utcnow_iso
 from relay.mail import Attempt, OutboundMail, from_message, to_message
 from relay.notice import Notice
 from relay.notifier import Notifier
@@ -167,11 +167,16 @@ class Relay:
             if self._stopping:
                 return
             async with self._locks[sub.name]:
-                notices = notifier.on_timer(keeper.state, time.time())
-                for notice in notices:
-                    await self._queue_notice(sub, notice)
-                if notices or keeper.stale():
-                    await keeper.save()
+                before = keeper.state.dumps()
+                try:
+                    notices = notifier.on_timer(keeper.state, time.time())
+                    for notice in notices:
+                        await self._queue_or_dead_letter(sub, notice)
+                    if notices or keeper.stale():
+                        await keeper.save()
+                except BaseException:
+                    self._restore(sub, keeper, before)  # the digests stay pending for the next relay or turn
+                    raise
 
     def _handler_for(self, sub: Subscription) -> Callable[[Delivery], Awaitable[None]]:
         async def handle(delivery: Delivery) -> None:
@@ -239,19 +244,56 @@ class Relay:
             await delivery.ack()
             return
         keeper = self._keepers.get(sub.name)
-        # A stateful subscription's events take turns: its state is saved after each one. A
-        # stateless one's notifier only counts recent events, synchronously: no turn to take.
-        async with self._locks[sub.name] if keeper is not None else contextlib.nullcontext():
-            notices = self._notifiers[sub.name].on_event(self._states[sub.name], event, time.time())
-            for notice in notices:
-                await self._queue_notice(sub, notice)
-            if keeper is not None:
-                await keeper.save()  # before the ack: a crash in between redelivers, never forgets
+        state = self._states[sub.name]
+        if keeper is None:
+            # A stateless subscription's notifier only counts recent events, synchronously: no turn to take.
+            try:
+                notices = self._notifiers[sub.name].on_event(state, event, time.time())
+                for notice in notices:
+                    await self._queue_notice(sub, notice)
+            except BaseException:
+                state.forget(event.id)  # not mailed: its redelivery must not look like a duplicate
+                raise
+        else:
+            # A stateful subscription's events take turns; its state is saved before the ack, and
+            # nothing of an event that failed half-way stays in it (its redelivery starts afresh).
+            async with self._locks[sub.name]:
+                state = keeper.state  # read under the lock: a failed turn may have replaced it
+                before = state.dumps()
+                try:
+                    notices = self._notifiers[sub.name].on_event(state, event, time.time())
+                    for notice in notices:
+                        await self._queue_notice(sub, notice)
+                    await keeper.save()  # a crash after this redelivers the event, and it is seen
+                except BaseException:
+                    self._restore(sub, keeper, before)
+                    raise
         if not notices:
             log.info("relay: %s: event %s (%s %s) kept for a digest or held by damping",
                      sub.name, event.id, event.program, event.state)
         self._changed[sub.name].set()
         await delivery.ack()
+
+    def _restore(self, sub: Subscription, keeper: StateKeeper, saved: bytes) -> None:
+        keeper.state = self._states[sub.name] = State.loads(saved)
+
+    async def _queue_or_dead_letter(self, sub: Subscription, notice: Notice) -> None:
+        """A digest or summary whose template fails on these events: its events go to dead letters.
+
+        Raising would leave the digest pending, failing again on every turn and every restart.
+        """
+        try:
+            await self._queue_notice(sub, notice)
+        except PermanentError as exc:
+            source = subscription_queue(self.prefix, sub.name)
+            log.error("relay: %s: %s of %d event(s) cannot be rendered, its %d listed event(s) dead-lettered "
+                      "(replayable once the template is fixed): %s", sub.name, notice.kind.value, notice.total,
+                      len(notice.events), exc)
+            for event in notice.events:
+                message = Message(encode_event(event), event.id, CONTENT_TYPE)
+                await self.engine.send(dead_queue(self.prefix),
+                                       dead_letter(message, reason=str(exc), source=source, kind="event"))
+                self._states[sub.name].forget(event.id)  # a replay must not look like a duplicate
 
     async def _queue_notice(self, sub: Subscription, notice: Notice) -> None:
         mail = self.renderer.render_notice(sub, notice)

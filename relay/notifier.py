@@ -19,6 +19,7 @@ that the caller keeps (and persists). Nothing here does IO or reads a clock.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from relay.config import Subscription
@@ -66,6 +67,7 @@ class Notifier:
             carrier = self._pending_with(state, key) if self.sub.grouped else None
             if carrier is not None and not accepted:
                 carrier.add(event)  # listed in the digest that reports the crash: no outage opens
+                state.outages.pop(key, None)  # and an older one ends here, unannounced
                 return []
             outage = state.outages.pop(key, None)
             if outage is not None:
@@ -168,7 +170,8 @@ class Notifier:
             window.sent += 1
             self._mailed(state, notice)
             return [*out, notice]
-        window.held.extend(notice.events[: MAX_LISTED - len(window.held)])
+        # A summary lists no log tails: the held events keep none (the state stays small).
+        window.held.extend(replace(e, log_tail=None) for e in notice.events[: MAX_LISTED - len(window.held)])
         window.held_total += notice.total
         return out
 

@@ -10,9 +10,10 @@ events and counts the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay.errors import MessageDecodeError
@@ -45,9 +46,18 @@ class Pending:
     total: int = 0
 
     def add(self, event: Event) -> None:
+        """List ``event``; past :data:`MAX_LISTED` the newest replaces the previous newest.
+
+        Only the newest log tail is kept (the digest shows that one): the document is
+        rewritten on every event, and a hundred 4 KiB tails per group add up.
+        """
         self.total += 1
+        if event.log_tail:
+            self.events = [replace(e, log_tail=None) if e.log_tail else e for e in self.events]
         if len(self.events) < MAX_LISTED:
             self.events.append(event)
+        else:
+            self.events[-1] = event
 
 
 @dataclass
@@ -86,6 +96,11 @@ class State:
         self.recent[process_key(event)] = times
         self.seen.append(event.id)
         return len(times)
+
+    def forget(self, event_id: str) -> None:
+        """Undo :meth:`remember`'s duplicate check for an event that was not mailed after all."""
+        with contextlib.suppress(ValueError):
+            self.seen.remove(event_id)
 
     def forget_old(self, now: float, horizon: float = 3600.0) -> None:
         for key in [k for k, times in self.recent.items() if not times or now - times[-1] >= horizon]:

@@ -49,6 +49,7 @@ class StateKeeper:
         self._token = secrets.token_hex(8)
         self._seq = -1
         self._held: Delivery | None = None
+        self._held_seq = -1
         self._best: tuple[int, Delivery] | None = None
         self._loaded = asyncio.Event()
         self._written = time.monotonic()
@@ -110,6 +111,7 @@ class StateKeeper:
         await asyncio.sleep(self.settle)
         assert self._best is not None
         self._seq, self._held = self._best
+        self._held_seq = self._seq
         self.state = State.loads(self._held.message.body)
         self._written = time.monotonic()
         self._best = None
@@ -118,11 +120,18 @@ class StateKeeper:
         self._loaded.set()
 
     async def _take(self, delivery: Delivery) -> None:
-        """Our latest write replaces the copy we held; anything else is an old or foreign copy."""
-        ours = delivery.message.headers.get("x-state-writer") == self._token and _seq(delivery) == self._seq
-        if not ours:
+        """A newer copy of ours replaces the one we held; anything else is an old or foreign copy.
+
+        Newer, not only the latest: with saves in flight, copy N+1 may come back after N+2 was
+        sent, and N+2 may never land; N+1 must then be the copy a restart finds.
+        """
+        seq = _seq(delivery)
+        if delivery.message.headers.get("x-state-writer") != self._token or seq <= self._held_seq:
+            if seq > self._held_seq and delivery.message.headers.get("x-state-writer") is not None:
+                log.error("relay: %s: another relay wrote state copy %d; keeping ours (two owners?)",
+                          self.queue, seq)
             await delivery.ack()
             return
-        previous, self._held = self._held, delivery
+        previous, self._held, self._held_seq = self._held, delivery, seq
         if previous is not None:
             await previous.ack()

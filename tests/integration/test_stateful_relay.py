@@ -21,10 +21,11 @@ import pytest
 from listeners.publish import event_message
 from relay.config import Config
 from relay.daemon import Relay
-from relay.engines.base import Engine
+from relay.engines.base import Engine, Message
+from relay.errors import BrokerUnavailable
 from relay.event import Event
 from relay.smtp import RecordingMailer
-from relay.topology import events_exchange
+from relay.topology import dead_queue, events_exchange, outbound_queue, subscription_queue
 from tests.integration.test_engine_contract import Broker
 
 pytestmark = pytest.mark.timeout(60)
@@ -123,3 +124,56 @@ async def test_two_relays_one_owner_and_the_standby_takes_over(
     await wait_until(lambda: sent() == 5, 15)
     await asyncio.sleep(1.0)
     assert sent() == 5
+
+
+@pytest.mark.parametrize("sub", [{}, {"max_mails_per_hour": 10}], ids=["stateless", "stateful"])
+async def test_an_event_whose_mail_could_not_be_queued_is_mailed_on_redelivery(
+        broker: Broker, prefix: str, start: Callable[..., Any], sub: dict[str, Any]) -> None:
+    mailer = RecordingMailer()
+    running = await start(mailer, **sub)
+    engine = running.relay.engine
+    real_send = engine.send
+    failures: list[str] = []
+
+    async def send_failing_once(queue: str, message: Message) -> None:
+        if queue == outbound_queue(prefix) and not failures:
+            failures.append(message.message_id)
+            raise BrokerUnavailable("outbound refused once (test)")
+        await real_send(queue, message)
+
+    engine.send = send_failing_once  # type: ignore[method-assign]
+    publisher = await broker.open()
+    event = await crash(publisher, prefix, 1)
+    await wait_until(lambda: len(mailer.sent) == 1, 15)
+    assert failures and event.id.encode() in mailer.sent[0].raw
+    await asyncio.sleep(0.5)
+    assert len(mailer.sent) == 1
+
+
+async def test_a_digest_whose_template_fails_on_real_events_is_dead_lettered_and_the_relay_goes_on(
+        broker: Broker, prefix: str, start: Callable[..., Any]) -> None:
+    mailer = RecordingMailer()
+    # Fine on the sample (exit status 3), fails where the exit status is unknown (None).
+    running = await start(mailer, group_wait="1s", digest_body="{{ events|map(attribute='exit_status')|sum }}")
+    publisher = await broker.open()
+    events = [await crash(publisher, prefix, n) for n in range(2)]
+    dead = dead_queue(prefix)
+    await wait_until_async(lambda: publisher.depth(dead), 2, 15)
+    assert not running.task.done() and mailer.sent == []
+    ids = set()
+    while (delivery := await publisher.get(dead)) is not None:
+        assert delivery.message.headers["x-dead-kind"] == "event"
+        assert delivery.message.headers["x-dead-from"] == subscription_queue(prefix, "ops")
+        ids.add(delivery.message.message_id)
+        await delivery.ack()
+    assert ids == {e.id for e in events}
+    # The relay still works: a single event (no digest template involved) is mailed.
+    lone = await crash(publisher, prefix, 9)
+    await wait_until(lambda: len(mailer.sent) == 1, 15)
+    assert f"X-Opsrelay-Event: {lone.id}".encode() in mailer.sent[0].raw
+
+
+async def wait_until_async(count: Callable[[], Any], expected: int, seconds: float) -> None:
+    async with asyncio.timeout(seconds):
+        while await count() < expected:  # noqa: ASYNC110  (a queue depth: nothing to wait on)
+            await asyncio.sleep(0.05)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -195,3 +196,42 @@ def test_state_document_round_trips_every_part() -> None:
     restored = State.loads(state.dumps())
     assert restored.to_doc() == state.to_doc()
     assert restored.windows and restored.outages and restored.pending and restored.last_sent
+
+
+def test_a_pending_digest_keeps_only_the_newest_log_tail_and_the_newest_event_past_the_cap() -> None:
+    notifier, state = Notifier(sub(group_wait="5s"), "web1"), State()
+    events = [replace(ev(at=i), log_tail=f"tail {i}\n" * 200) for i in range(MAX_LISTED + 5)]
+    for event in events:
+        notifier.on_event(state, event, 0.0)
+    [pending] = state.pending.values()
+    assert [e.log_tail is not None for e in pending.events].count(True) == 1
+    assert pending.events[-1].id == events[-1].id and pending.events[-1].log_tail == events[-1].log_tail
+    assert pending.events[0].id == events[0].id and pending.total == MAX_LISTED + 5
+    assert len(state.dumps()) < 100_000  # 105 tails of 1.4 KB each would be 150 KB
+
+
+def test_held_events_keep_no_log_tail() -> None:
+    notifier, state = Notifier(sub(max_mails_per_hour=1), "web1"), State()
+    for t in range(3):
+        notifier.on_event(state, replace(ev(), log_tail="Traceback ..."), float(t))
+    [window] = state.windows.values()
+    assert window.held_total == 2 and all(e.log_tail is None for e in window.held)
+
+
+def test_a_recovery_absorbed_by_a_digest_also_ends_an_older_outage() -> None:
+    notifier, state = Notifier(sub(send_resolved=True, group_wait="5s"), "web1"), State()
+    notifier.on_event(state, ev(at=0), 0.0)
+    notifier.on_event(state, ev(at=1), 1.0)
+    notifier.on_timer(state, 5.0)  # the digest opens the outage
+    assert state.outages
+    notifier.on_event(state, ev(at=10), 10.0)  # crashes again: a new digest is pending
+    assert notifier.on_event(state, ev("RUNNING", at=11), 11.0) == []
+    assert state.outages == {}  # the next crash's recovery will not date back to the first one
+
+
+def test_forget_lets_a_redelivered_event_through_again() -> None:
+    notifier, state = Notifier(sub(), "web1"), State()
+    event = ev()
+    assert len(notifier.on_event(state, event, 0.0)) == 1
+    state.forget(event.id)
+    assert len(notifier.on_event(state, event, 1.0)) == 1
