@@ -92,6 +92,10 @@ class QueueSpec:
     # One consumer at a time gets messages (RabbitMQ's x-single-active-consumer); the
     # others stand by and take over when it goes. For state only one relay may own.
     single_active: bool = False
+    # The queue may exist without ``ttl_ms`` (declared by an older opsrelay): the embedded
+    # engine then sets it, RabbitMQ (which cannot change a queue's arguments) keeps the queue
+    # as it is and says so, instead of refusing to run.
+    ttl_added_later: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +139,7 @@ def event_topology(prefix: str) -> Topology:
             ExchangeSpec(unrouted, ExchangeKind.FANOUT),
             ExchangeSpec(events_exchange(prefix), ExchangeKind.TOPIC, alternate=unrouted),
         ),
-        queues=(QueueSpec(unrouted_queue(prefix), ttl_ms=UNROUTED_TTL_MS),),
+        queues=(QueueSpec(unrouted_queue(prefix), ttl_ms=UNROUTED_TTL_MS, ttl_added_later=True),),
         bindings=(BindingSpec(unrouted_queue(prefix), unrouted, "#"),),
     )
 

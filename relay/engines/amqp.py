@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -35,6 +36,9 @@ _BROKER_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     pamqp.exceptions.PAMQPException,
 )
+
+
+_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -121,6 +125,12 @@ class AmqpEngine(Engine):
             with contextlib.suppress(*_BROKER_ERRORS):
                 await connection.close()
 
+    async def _reopen_channel(self) -> aio_pika.abc.AbstractChannel:
+        assert self._connection is not None
+        self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._exchanges = {}  # they were bound to the closed channel
+        return self._channel
+
     def _publish_channel(self) -> aio_pika.abc.AbstractChannel:
         if self._channel is None:
             raise BrokerUnavailable(f"not connected to {mask_url(self.url)}")
@@ -147,7 +157,16 @@ class AmqpEngine(Engine):
                     qargs["x-dead-letter-routing-key"] = q.dead_letter_to
                 if q.single_active:
                     qargs["x-single-active-consumer"] = True
-                queues[q.name] = await channel.declare_queue(q.name, durable=True, arguments=qargs)
+                try:
+                    queues[q.name] = await channel.declare_queue(q.name, durable=True, arguments=qargs)
+                except aio_pika.exceptions.ChannelPreconditionFailed:
+                    if not q.ttl_added_later:
+                        raise
+                    _log.warning("queue %s exists without the TTL of %d ms this version gives it (declared by an "
+                                 "older opsrelay); it keeps working as it is; delete it once to apply the TTL",
+                                 q.name, q.ttl_ms)
+                    channel = await self._reopen_channel()  # the refused declare closed it
+                    queues = {q.name: await channel.declare_queue(q.name, passive=True)}  # the others: on it too
             for b in topology.bindings:
                 queue = queues.get(b.queue) or await channel.declare_queue(b.queue, passive=True)
                 await queue.bind(b.exchange, routing_key=b.pattern)

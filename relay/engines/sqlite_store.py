@@ -155,6 +155,9 @@ def declare(conn: sqlite3.Connection, topology: Topology) -> None:
             ).fetchone()
             if found is None:
                 conn.execute("INSERT INTO queues VALUES (?, ?, ?)", (q.name, q.ttl_ms, q.dead_letter_to))
+            elif q.ttl_added_later and tuple(found) == (None, q.dead_letter_to):
+                # Rows already there keep no expiry; the TTL counts for what arrives from now on.
+                conn.execute("UPDATE queues SET ttl_ms = ? WHERE name = ?", (q.ttl_ms, q.name))
             elif tuple(found) != (q.ttl_ms, q.dead_letter_to):
                 raise ConfigurationError(
                     f"queue {q.name!r} exists with ttl_ms={found[0]} dead_letter_to={found[1]!r}, "

@@ -426,3 +426,26 @@ async def test_messages_survive_close_and_reopen(broker: Broker, engine: Engine,
     reopened = await broker.open()
     assert await reopened.depth(queue) == 2
     assert await drain(reopened, queue) == ["first", "second"]
+
+
+async def test_an_unrouted_queue_declared_without_a_ttl_by_an_older_version_keeps_working(
+        broker: Broker, engine: Engine, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The TTL came later: an existing install must not stop at declare (RabbitMQ cannot change arguments)."""
+    current = event_topology(prefix)
+    older = Topology(current.exchanges, tuple(QueueSpec(q.name) for q in current.queues), current.bindings)
+    await broker.declare(engine, older)
+    await engine.publish(events_exchange(prefix), "proc.a.b.c.RUNNING", message("before"))
+    again = await broker.open()
+    await broker.declare(again, current)  # no error
+    await again.publish(events_exchange(prefix), "proc.a.b.c.STOPPED", message("after"))
+    assert await drain(again, unrouted_queue(prefix)) == ["before", "after"]
+    if broker.kind == "amqp":
+        assert "exists without the TTL" in caplog.text
+    else:
+        import sqlite3
+
+        from relay.engines.sqlite import db_path
+
+        with contextlib.closing(sqlite3.connect(db_path(broker.url))) as conn:
+            [(ttl,)] = conn.execute("SELECT ttl_ms FROM queues WHERE name = ?", (unrouted_queue(prefix),))
+        assert ttl == current.queues[0].ttl_ms  # the embedded engine applies it
