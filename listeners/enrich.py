@@ -42,11 +42,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from listeners.supervisor_rpc import Call, Deadline, Fault, SupervisorRpc, SupervisorUnreachable, xml_safe
+from listeners.supervisor_rpc import (
+    Call,
+    Deadline,
+    Fault,
+    SupervisorRpc,
+    SupervisorTimeout,
+    SupervisorUnreachable,
+    xml_safe,
+)
 from relay.event import Event
 
 if TYPE_CHECKING:
@@ -55,6 +64,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAIN_LOG_BYTES",
+    "QUIET",
     "Call",
     "Deadline",
     "Enricher",
@@ -82,6 +92,8 @@ __all__ = [
 log = logging.getLogger("opsrelay.listener")
 
 ENRICHED_STATES = frozenset({"EXITED", "FATAL", "BACKOFF"})
+# After supervisord did not answer in time, how long events go out without asking.
+QUIET = 30.0
 # How much of supervisord's own log is searched for the exit line (~350 lines).
 MAIN_LOG_BYTES = 32 * 1024
 _TOO_QUICKLY = "Exited too quickly"  # the spawnerr finish() sets for a BACKOFF after an exit
@@ -307,18 +319,30 @@ class Enricher:
     Never raises and never waits past ``timeout`` (all calls of one event together).
     """
 
-    def __init__(self, rpc: SupervisorRpc, *, tail_bytes: int, timeout: float) -> None:
+    def __init__(self, rpc: SupervisorRpc, *, tail_bytes: int, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rpc, self.tail_bytes, self.timeout = rpc, tail_bytes, timeout
+        self._clock = clock
+        self._quiet_until = -float("inf")
+        self._quiet_reason = ""
 
     def __call__(self, event: Event) -> Event:
         if not wants(event):
             return event
+        if self._clock() < self._quiet_until:
+            # supervisord did not answer a moment ago: in a crash loop every event would wait the
+            # whole timeout out while supervisord's buffer fills; ask again after QUIET seconds.
+            return unreachable(event, f"not asked: {self._quiet_reason} moments ago", logs=self.tail_bytes > 0)
         deadline = Deadline(self.timeout)
         calls = plan(event, self.tail_bytes)
         try:
             results = self.rpc.multicall(calls, deadline)
             results = self._again_shorter(calls, results, deadline)
             return enriched(event, _fetched(calls, results))
+        except SupervisorTimeout as exc:
+            self._quiet_until, self._quiet_reason = self._clock() + QUIET, str(exc)
+            log.warning("%s %s: %s; not asking again for %gs", event.program, event.state, exc, QUIET)
+            return unreachable(event, str(exc), logs=self.tail_bytes > 0)
         except SupervisorUnreachable as exc:
             log.warning("%s %s: %s", event.program, event.state, exc)
             return unreachable(event, str(exc), logs=self.tail_bytes > 0)

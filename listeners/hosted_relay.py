@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 __all__ = ["DRAIN", "HostedRelay", "RelayFailed", "Terminated", "hosted_relay"]
 
 log = logging.getLogger("opsrelay.listener")
-# Below supervisord's default stopwaitsecs (10), after which it sends SIGKILL.
-DRAIN = 8.0
+# With the 2 s join after it, below supervisord's default stopwaitsecs (10), after which
+# it sends SIGKILL.
+DRAIN = 6.0
 
 
 class Terminated(BaseException):
@@ -135,7 +136,9 @@ class HostedRelay:
         try:
             await self._declare()
             self._ready.set()
-            await serve_forever(self.config, mailer, self._stop, renderer=self._renderer)
+            # The relay's own drain ends a second before stop() stops waiting for it.
+            await serve_forever(self.config, mailer, self._stop, renderer=self._renderer,
+                                grace=max(0.5, self.drain - 1.0))
         finally:
             await mailer.close()
 
@@ -190,13 +193,18 @@ def hosted_relay(config: Config, *, drain: float = DRAIN) -> Iterator[HostedRela
     """
     relay = HostedRelay(config, drain=drain)
     previous = signal.signal(signal.SIGTERM, _terminate) or signal.SIG_DFL
+    started = False
     try:
         relay.start()
         log.info("crashmail relay: mailing %s for subscription %s",
                  ", ".join(relay.config.subscriptions[0].to), relay.config.subscriptions[0].name)
+        started = True
         yield relay
     except Terminated:
         log.info("SIGTERM: stopping; the crashmail relay finishes what is in flight")
+        if not started:
+            # Stopped while starting (the broker was slow): nothing was answered yet, end quietly.
+            raise SystemExit(0) from None
     finally:
         # A second SIGTERM while draining ends the process at once.
         signal.signal(signal.SIGTERM, previous)

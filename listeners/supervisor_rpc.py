@@ -26,7 +26,7 @@ from relay.errors import TransientError
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-__all__ = ["Call", "Deadline", "Fault", "SupervisorRpc", "SupervisorUnreachable", "xml_safe"]
+__all__ = ["Call", "Deadline", "Fault", "SupervisorRpc", "SupervisorTimeout", "SupervisorUnreachable", "xml_safe"]
 
 _FAILED = 30  # supervisor.xmlrpc.Faults.FAILED
 # XML 1.0 §2.2 allows no C0 control but tab, LF and CR, and not U+FFFE / U+FFFF.
@@ -34,7 +34,11 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 class SupervisorUnreachable(TransientError, ConnectionError):
-    """supervisord's XML-RPC did not answer in time, or not usefully (never leaves this module)."""
+    """supervisord's XML-RPC did not answer in time, or not usefully (never leaves the listener)."""
+
+
+class SupervisorTimeout(SupervisorUnreachable):
+    """No answer within the deadline: the costly failure (every event would wait it out)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +185,7 @@ class SupervisorRpc:
             response = connection.getresponse()
             data = response.read()
         except TimeoutError:
-            raise SupervisorUnreachable(f"supervisord did not answer within {deadline.seconds:g} s "
+            raise SupervisorTimeout(f"supervisord did not answer within {deadline.seconds:g} s "
                                         f"({self.url})") from None
         except (OSError, http.client.HTTPException) as exc:
             raise SupervisorUnreachable(f"cannot reach supervisord at {self.url}: "

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from relay.config import Config, Subscription
 from relay.delivery import DeadLetter, Decision, Delivered, Hold, Retry, decide
 from relay.engines.base import Delivery, Engine, Message, open_engine
-from relay.errors import BrokerUnavailable, MessageDecodeError, PermanentError, RelayError
+from relay.errors import BrokerUnavailable, ConfigurationError, MessageDecodeError, PermanentError, RelayError
 from relay.event import CONTENT_TYPE, decode_event, encode_event, utcnow_iso
 from relay.mail import Attempt, OutboundMail, from_message, to_message
 from relay.notice import Notice
@@ -94,6 +94,7 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.engine.declare(relay_topology(self.config))
+        await self._warn_abandoned_state()
         consumers = [
             asyncio.create_task(self._run_stateful(sub) if sub.stateful else
                                 self._consume(subscription_queue(self.prefix, sub.name),
@@ -130,6 +131,21 @@ class Relay:
             # Not acked: the broker hands it to the next relay.
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _warn_abandoned_state(self) -> None:
+        """A subscription that had digests, damping or recovery and no longer has: say what it left."""
+        for sub in self.config.subscriptions:
+            if sub.stateful:
+                continue
+            queue = state_queue(self.prefix, sub.name)
+            try:
+                saved = await self.engine.depth(queue)
+            except ConfigurationError:
+                continue  # never had state
+            if saved:
+                log.warning("relay: %s: %s holds state saved when this subscription had digests, damping or "
+                            "recovery notices (pending digests, open outages); it is ignored now: turn them "
+                            "back on to use it, or delete the queue", sub.name, queue)
 
     async def _run_stateful(self, sub: Subscription) -> None:
         """Own the subscription's state queue, then consume its events and run its timer."""
@@ -341,7 +357,7 @@ class Relay:
 
 
 async def serve_forever(config: Config, mailer: Mailer, stop: asyncio.Event, *,
-                        renderer: Renderer | None = None, max_delay: float = 30.0) -> None:
+                        renderer: Renderer | None = None, max_delay: float = 30.0, grace: float = 30.0) -> None:
     """Run the relay until ``stop``; a broker that is down or goes away is waited for with backoff.
 
     A lost connection ends the running :class:`Relay` (its unacked deliveries return to the
@@ -354,7 +370,7 @@ async def serve_forever(config: Config, mailer: Mailer, stop: asyncio.Event, *,
         try:
             await engine.connect()
             delay = 0.5
-            await Relay(config, engine, mailer, renderer=renderer).run(stop)
+            await Relay(config, engine, mailer, renderer=renderer, grace=grace).run(stop)
         except BrokerUnavailable as exc:
             log.warning("relay: broker unavailable (%s); reconnecting in %.1fs", exc, delay)
         finally:

@@ -177,3 +177,15 @@ async def wait_until_async(count: Callable[[], Any], expected: int, seconds: flo
     async with asyncio.timeout(seconds):
         while await count() < expected:  # noqa: ASYNC110  (a queue depth: nothing to wait on)
             await asyncio.sleep(0.05)
+
+
+async def test_a_subscription_that_dropped_its_digests_says_what_state_it_left(
+        broker: Broker, prefix: str, start: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
+    mailer = RecordingMailer()
+    first = await start(mailer, group_wait="60s")
+    publisher = await broker.open()
+    await crash(publisher, prefix, 1)
+    await asyncio.sleep(1.0)
+    await first.end()
+    await start(mailer)  # the same subscription, now one mail per event
+    assert f"{prefix}.state.ops holds state saved when this subscription had digests" in caplog.text

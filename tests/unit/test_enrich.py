@@ -15,6 +15,7 @@ import pytest
 
 from listeners.enrich import (
     MAIN_LOG_BYTES,
+    QUIET,
     Call,
     Deadline,
     Enricher,
@@ -40,6 +41,7 @@ from listeners.enrich import (
     xml_safe,
 )
 from listeners.eventlistener import run
+from listeners.supervisor_rpc import SupervisorTimeout
 from relay.config import Config
 from relay.event import Event, decode_event, encode_event
 
@@ -475,3 +477,19 @@ def test_a_failing_enricher_costs_the_enrichment_not_the_event(caplog: pytest.Lo
     assert [e.state for e in events] == ["RUNNING", "RUNNING", "EXITED"]
     assert all(e.notes == ("log tail unavailable: the listener failed to fetch it (see its log)",) for e in events)
     assert "enriching" in caplog.text and "KeyError" in caplog.text
+
+
+def test_after_a_timeout_events_go_out_unasked_for_a_while_then_it_asks_again() -> None:
+    now = [100.0]
+    rpc = StubRpc(SupervisorTimeout("supervisord did not answer within 1 s (unix:///x)"),
+                  [INFO, ["Traceback\n", 10, False], ["", 0, False], ""])
+    enricher = Enricher(rpc, tail_bytes=4096, timeout=1.0, clock=lambda: now[0])
+    first = enricher(event())
+    assert any("did not answer within 1 s" in n for n in first.notes)
+    now[0] += QUIET - 1
+    quiet = enricher(event())
+    assert len(rpc.asked) == 1  # not asked: a crash loop must not wait out the timeout per event
+    assert quiet.exit_status is None and any(n.startswith("log tail unavailable: not asked") for n in quiet.notes)
+    now[0] += 2
+    asked = enricher(event())
+    assert len(rpc.asked) == 2 and asked.exit_status == 3 and asked.notes == ()
