@@ -46,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-__all__ = ["Program", "Supervisor", "wait_for"]
+__all__ = ["Program", "Supervisor", "stop_all", "wait_for"]
 
 BIN = Path(sysconfig.get_path("scripts"))
 T = TypeVar("T")
@@ -403,3 +403,15 @@ class Supervisor:
             return value
 
         return wait_for(check, timeout, interval=interval, what=what, diagnostics=self.diagnostics)
+
+
+def stop_all(started: Sequence[Supervisor], program: str) -> None:
+    """Stop every supervisord (newest first) and check each ended cleanly: no process outlived it, none had
+    to be killed, supervisord exited 0 and ``program`` (the one running the relay) exited 0 on its SIGTERM."""
+    for sv in reversed(started):
+        sv.stop()
+    for sv in started:
+        assert sv.leftovers() == [], "processes outlived supervisord"
+        # DESIGN.md: on SIGTERM the relay finishes what is in flight and exits 0; nothing had to be killed.
+        assert sv.returncode == 0 and sv.killed == [], (sv.returncode, sv.killed, sv.supervisord_log())
+        assert f"stopped: {program} (exit status 0)" in sv.supervisord_log(), sv.supervisord_log()

@@ -7,18 +7,16 @@ and reads what reached the SMTP server (STARTTLS + AUTH, trustme certificate).
 
 from __future__ import annotations
 
-import email
-import email.policy
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Program, Supervisor, TomlValue
-from tests.smtp_server import ReceivedMail, SmtpServer
+from tests.e2e.harness import Program, Supervisor, TomlValue, stop_all
+from tests.e2e.mail import body, mails_to, parsed
+from tests.smtp_server import SmtpServer
 
 pytestmark = [pytest.mark.supervisord, pytest.mark.rabbitmq, pytest.mark.timeout(45)]
 
@@ -48,31 +46,7 @@ def run(tmp_path: Path, amqp_url: str, prefix: str, smtp_server: SmtpServer) -> 
         return sv.start()
 
     yield start
-    for sv in reversed(started):
-        sv.stop()
-    for sv in started:
-        assert sv.leftovers() == [], "processes outlived supervisord"
-        # DESIGN.md: on SIGTERM the relay finishes what is in flight and exits 0; nothing had to be killed.
-        assert sv.returncode == 0 and sv.killed == [], (sv.returncode, sv.killed, sv.supervisord_log())
-        assert "stopped: relay (exit status 0)" in sv.supervisord_log(), sv.supervisord_log()
-
-
-def parsed(mail: ReceivedMail) -> EmailMessage:
-    message = email.message_from_bytes(mail.content, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
-
-
-def body(message: EmailMessage) -> str:
-    part = message.get_body(preferencelist=("plain",))
-    assert part is not None
-    text = part.get_content()
-    assert isinstance(text, str)
-    return text.replace("\r\n", "\n")  # the wire's CRLF (RFC 5321), kept by the parser
-
-
-def mails_to(server: SmtpServer, address: str) -> list[ReceivedMail]:
-    return [m for m in server.received if address in m.rcpt_tos]
+    stop_all(started, "relay")
 
 
 def test_an_unexpected_exit_sends_exactly_one_mail_over_tls(run: Run, smtp_server: SmtpServer) -> None:

@@ -16,14 +16,11 @@ as supervisord would leave it when it dies: stdin closed.
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import os
 import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -36,7 +33,8 @@ from relay.engines import Message, open_engine
 from relay.event import decode_event
 from relay.inspect import browse
 from relay.topology import unrouted_queue
-from tests.e2e.harness import BIN, Program, Supervisor, wait_for
+from tests.e2e.harness import BIN, Program, Supervisor, stop_all, wait_for
+from tests.e2e.mail import parsed
 from tests.smtp_server import ReceivedMail, SmtpServer
 
 pytestmark = [pytest.mark.supervisord, pytest.mark.timeout(60)]
@@ -111,19 +109,8 @@ def run(tmp_path: Path, prefix: str, smtp_server: SmtpServer) -> Iterator[Run]:
         return sv
 
     yield start
-    for sv in reversed(started):
-        sv.stop()
-    for sv in started:
-        assert sv.leftovers() == [], "processes outlived supervisord"
-        # supervisord's SIGTERM: the listener drains its relay and exits 0; nothing had to be killed.
-        assert sv.returncode == 0 and sv.killed == [], (sv.returncode, sv.killed, sv.supervisord_log())
-        assert "stopped: crashmail (exit status 0)" in sv.supervisord_log(), sv.supervisord_log()
-
-
-def parsed(mail: ReceivedMail) -> EmailMessage:
-    message = email.message_from_bytes(mail.content, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
+    # supervisord's SIGTERM: the listener drains its relay and exits 0.
+    stop_all(started, "crashmail")
 
 
 def subjects(server: SmtpServer) -> list[str]:

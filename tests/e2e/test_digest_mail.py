@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Program, Supervisor, TomlValue
-from tests.e2e.test_crash_mail import body, mails_to, parsed
+from tests.e2e.harness import Program, Supervisor, TomlValue, stop_all
+from tests.e2e.mail import body, mails_to, parsed
 from tests.smtp_server import SmtpServer
 
 pytestmark = [pytest.mark.supervisord, pytest.mark.rabbitmq]
@@ -37,10 +37,7 @@ def start(tmp_path: Path, amqp_url: str, prefix: str, smtp_server: SmtpServer) -
         return sv.start()
 
     yield go
-    for sv in reversed(started):
-        sv.stop()
-    for sv in started:
-        assert sv.returncode == 0 and sv.killed == [], (sv.returncode, sv.killed, sv.supervisord_log())
+    stop_all(started, "relay")
 
 
 def exits(sv: Supervisor, name: str) -> int:

@@ -8,17 +8,15 @@ time, and the relay delivers the mail to the real STARTTLS + AUTH test server.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import sys
 import textwrap
 from collections.abc import Iterator
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.harness import Program, Supervisor
+from tests.e2e.mail import body, parsed
 from tests.smtp_server import SmtpServer
 
 pytestmark = [pytest.mark.supervisord, pytest.mark.timeout(45)]
@@ -55,16 +53,6 @@ def sv(tmp_path: Path, prefix: str, smtp_server: SmtpServer) -> Iterator[Supervi
     assert supervisor.returncode == 0 and supervisor.killed == [], supervisor.supervisord_log()
 
 
-def body(raw: bytes) -> str:
-    message = email.message_from_bytes(raw, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    part = message.get_body(preferencelist=("plain",))
-    assert part is not None
-    text = part.get_content()
-    assert isinstance(text, str)
-    return text.replace("\r\n", "\n")
-
-
 def test_the_crash_mail_carries_the_traceback(sv: Supervisor, smtp_server: SmtpServer) -> None:
     assert "started" in sv.start_program("billing").stdout
     received = sv.wait_for(lambda: smtp_server.received, 20, what="the crash mail")
@@ -72,7 +60,7 @@ def test_the_crash_mail_carries_the_traceback(sv: Supervisor, smtp_server: SmtpS
     mail = received[0]
     assert mail.rcpt_tos == (ONCALL,) and mail.tls is True and mail.auth_user == smtp_server.user
 
-    text = body(mail.content)
+    text = body(parsed(mail))
     # The traceback, whole and in order, as the job wrote it to stderr (not stdout's line).
     lines = [line.strip() for line in text.splitlines()]
     expected = ["Traceback (most recent call last):", "charge(42)",

@@ -8,19 +8,17 @@ skips it elsewhere.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import os
 import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.harness import BIN, wait_for
+from tests.e2e.mail import parsed
 from tests.integration.test_sendmail import SENDMAIL, Host
 from tests.smtp_server import ReceivedMail, SmtpServer
 
@@ -37,12 +35,6 @@ def require(found: bool, what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
-
-
-def parsed(mail: ReceivedMail) -> EmailMessage:
-    message = email.message_from_bytes(mail.content, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
 
 
 def body_bytes(mail: ReceivedMail) -> bytes:
