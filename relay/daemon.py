@@ -27,7 +27,7 @@ from relay.engines.base import Delivery, Engine, Message, open_engine
 from relay.errors import BrokerUnavailable, ConfigurationError, MessageDecodeError, PermanentError, RelayError
 from relay.event import CONTENT_TYPE, decode_event, encode_event, utcnow_iso
 from relay.mail import Attempt, OutboundMail, from_message, to_message
-from relay.notice import Notice
+from relay.notice import Notice, NoticeKind
 from relay.notifier import Notifier
 from relay.notify_state import State
 from relay.render import Renderer
@@ -314,9 +314,10 @@ class Relay:
     async def _queue_notice(self, sub: Subscription, notice: Notice) -> None:
         mail = self.renderer.render_notice(sub, notice)
         await self.engine.send(outbound_queue(self.prefix), to_message(mail))
-        log.info("relay: %s: %s of %d event(s) (%s %s) queued as mail %s to %d recipient(s)",
-                 sub.name, notice.kind.value, notice.total, notice.last.program, notice.last.state,
-                 mail.message_id, len(mail.recipients))
+        what = (f"event {notice.first.id}" if notice.kind is NoticeKind.EVENT
+                else f"{notice.kind.value} of {notice.total} event(s)")
+        log.info("relay: %s: %s (%s %s) queued as mail %s to %d recipient(s)",
+                 sub.name, what, notice.last.program, notice.last.state, mail.message_id, len(mail.recipients))
 
     async def handle_mail(self, delivery: Delivery) -> None:
         mail = from_message(delivery.message)
