@@ -183,7 +183,6 @@ class Relay:
             if self._stopping:
                 return
             async with self._locks[sub.name]:
-                before = keeper.state.dumps()
                 try:
                     notices = notifier.on_timer(keeper.state, time.time())
                     for notice in notices:
@@ -191,7 +190,7 @@ class Relay:
                     if notices or keeper.stale():
                         await keeper.save()
                 except BaseException:
-                    self._restore(sub, keeper, before)  # the digests stay pending for the next relay or turn
+                    self._restore(sub, keeper)  # the digests stay pending for the next relay or turn
                     raise
 
     def _handler_for(self, sub: Subscription) -> Callable[[Delivery], Awaitable[None]]:
@@ -275,14 +274,13 @@ class Relay:
             # nothing of an event that failed half-way stays in it (its redelivery starts afresh).
             async with self._locks[sub.name]:
                 state = keeper.state  # read under the lock: a failed turn may have replaced it
-                before = state.dumps()
                 try:
                     notices = self._notifiers[sub.name].on_event(state, event, time.time())
                     for notice in notices:
                         await self._queue_notice(sub, notice)
                     await keeper.save()  # a crash after this redelivers the event, and it is seen
                 except BaseException:
-                    self._restore(sub, keeper, before)
+                    self._restore(sub, keeper)
                     raise
         if not notices:
             log.info("relay: %s: event %s (%s %s) kept for a digest or held by damping",
@@ -290,8 +288,9 @@ class Relay:
         self._changed[sub.name].set()
         await delivery.ack()
 
-    def _restore(self, sub: Subscription, keeper: StateKeeper, saved: bytes) -> None:
-        keeper.state = self._states[sub.name] = State.loads(saved)
+    def _restore(self, sub: Subscription, keeper: StateKeeper) -> None:
+        """Back to the state as last saved: a turn that failed half-way leaves nothing behind."""
+        keeper.state = self._states[sub.name] = State.loads(keeper.saved)
 
     async def _queue_or_dead_letter(self, sub: Subscription, notice: Notice) -> None:
         """A digest or summary whose template fails on these events: its events go to dead letters.

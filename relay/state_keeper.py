@@ -46,6 +46,8 @@ class StateKeeper:
         self.queue = queue
         self.settle = settle
         self.state = State()
+        # The document as last saved (or loaded): what a failed turn goes back to.
+        self.saved = self.state.dumps()
         self._token = secrets.token_hex(8)
         self._seq = -1
         self._held: Delivery | None = None
@@ -66,10 +68,11 @@ class StateKeeper:
     async def save(self) -> None:
         """Publish the current state; returns once it is durable."""
         self._seq += 1
-        message = Message(self.state.dumps(), message_id=f"{self.queue}/{self._seq}", content_type=_CONTENT_TYPE,
+        body = self.state.dumps()
+        message = Message(body, message_id=f"{self.queue}/{self._seq}", content_type=_CONTENT_TYPE,
                           headers={"x-state-seq": self._seq, "x-state-writer": self._token})
         await self.engine.send(self.queue, message)
-        self._written = time.monotonic()
+        self.saved, self._written = body, time.monotonic()
 
     async def run(self) -> None:
         """Consume the state queue until cancelled (or the broker goes: BrokerUnavailable)."""
@@ -113,6 +116,7 @@ class StateKeeper:
         self._seq, self._held = self._best
         self._held_seq = self._seq
         self.state = State.loads(self._held.message.body)
+        self.saved = self._held.message.body
         self._written = time.monotonic()
         self._best = None
         log.info("relay: %s: state loaded (copy %d: %d digest(s) pending, %d outage(s) open)",
