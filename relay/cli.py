@@ -234,7 +234,10 @@ def routes(key: Annotated[str, typer.Argument(help="a routing key, e.g. proc.web
     for sub in cfg.subscriptions:
         bound = [p for p in sub.bindings() if topic_matches(p, key)]
         accepted = bool(bound) and (fields is None or sub.accepts(fields))
-        reached.append({"subscription": sub.name, "bindings": bound, "reached": accepted})
+        # A RUNNING it does not mail about may still end an outage (send_resolved).
+        recovery = bool(bound) and not accepted and fields is not None and sub.watches_recovery(fields)
+        reached.append({"subscription": sub.name, "bindings": bound, "reached": accepted or recovery,
+                        "recovery_only": recovery})
     if as_json:
         typer.echo(json.dumps(reached, indent=2))
         return
@@ -245,7 +248,8 @@ def routes(key: Annotated[str, typer.Argument(help="a routing key, e.g. proc.web
     elif not hits:
         typer.echo(f"{key}: no subscription (kept in {cfg.broker.prefix}.unrouted)")
     for r in hits:
-        typer.echo(f"{key} -> {r['subscription']} (binding {r['bindings'][0]})")
+        only = ", recovery notices only" if r["recovery_only"] else ""
+        typer.echo(f"{key} -> {r['subscription']} (binding {r['bindings'][0]}{only})")
 
 
 @app.command("send-test")

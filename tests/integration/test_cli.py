@@ -228,6 +228,17 @@ def test_routes_unrouted_key(tmp_path: Path) -> None:
     assert result.stdout.strip() == "proc.web1.app.app.RUNNING: no subscription (kept in ops.unrouted)"
 
 
+def test_routes_says_a_running_only_serves_recovery_notices(tmp_path: Path) -> None:
+    config = write(tmp_path / "resolved.toml", 'host = "web1"\n[[subscriptions]]\nname = "crashes"\n'
+                   'to = ["oncall@example.com"]\nsend_resolved = true\n')
+    result = run("routes", "proc.web1.app.app.RUNNING", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ("proc.web1.app.app.RUNNING -> crashes (binding proc.*.*.*.RUNNING, "
+                             "recovery notices only)\n")
+    [row] = json.loads(run("routes", "proc.web1.app.app.EXITED", "--config", str(config), "--json").stdout)
+    assert (row["reached"], row["recovery_only"]) == (True, False)
+
+
 def test_routes_filtered_key_is_not_reported_as_unrouted(tmp_path: Path) -> None:
     """glob's binding takes this key (proc.*.*.*.STOPPED), so RabbitMQ never hands it to the
     alternate exchange: it reaches glob's queue and is dropped by the residual filter there."""
