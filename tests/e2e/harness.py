@@ -193,8 +193,11 @@ class Supervisor:
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def _write_supervisord_conf(self) -> None:
-        opsrelay = BIN / "opsrelay"
-        sections = [
+        sections = [*self._supervisord_sections(), *self._opsrelay_sections(), *self._program_sections()]
+        self.conf_path.write_text("\n".join(sections), encoding="utf-8")
+
+    def _supervisord_sections(self) -> list[str]:
+        return [
             "[unix_http_server]", f"file={self.socket_path}", "chmod=0700", "",
             "[supervisord]", f"logfile={self.supervisord_log_path}", f"pidfile={self.root / 'supervisord.pid'}",
             f"childlogdir={self.logdir}", "nodaemon=true", "silent=true", "loglevel=info",
@@ -202,6 +205,12 @@ class Supervisor:
             "[rpcinterface:supervisor]",
             "supervisor.rpcinterface_factory=supervisor.rpcinterface:make_main_rpcinterface", "",
             "[supervisorctl]", f"serverurl=unix://{self.socket_path}", "",
+        ]
+
+    def _opsrelay_sections(self) -> list[str]:
+        """The listener and the relay, as supervisord.conf.example registers them (a subclass may differ)."""
+        opsrelay = BIN / "opsrelay"
+        return [
             "[eventlistener:opsrelay]",
             f"command={opsrelay} listen --config {self.config_path}",
             f"events={self.listener_events}",
@@ -213,13 +222,16 @@ class Supervisor:
             "autorestart=true", "startsecs=1", "stopwaitsecs=5", "redirect_stderr=true",
             f"stdout_logfile={self.relay_log_path}", "",
         ]
+
+    def _program_sections(self) -> list[str]:
+        sections: list[str] = []
         for program in self.programs:
             # stopasgroup/killasgroup: a shell's children go with it.
             options: dict[str, str | int | bool] = {"autostart": False, "stopwaitsecs": 5, "stopasgroup": True,
                                                     "killasgroup": True, **program.options}
             sections += [f"[program:{program.name}]", f"command={program.command}",
                          *(f"{key}={_ini_value(value)}" for key, value in options.items()), ""]
-        self.conf_path.write_text("\n".join(sections), encoding="utf-8")
+        return sections
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -58,29 +58,15 @@ class CrashmailSupervisor(Supervisor):
         # The hosted relay logs to the listener's stderr: the harness waits there for "relay: consuming".
         self.relay_log_path = self.listener_log_path
 
-    def _write_supervisord_conf(self) -> None:
-        sections = [
-            "[unix_http_server]", f"file={self.socket_path}", "chmod=0700", "",
-            "[supervisord]", f"logfile={self.supervisord_log_path}", f"pidfile={self.root / 'supervisord.pid'}",
-            f"childlogdir={self.logdir}", "nodaemon=true", "silent=true", "loglevel=info",
-            f"identifier=e2e-{self.prefix}", "",
-            "[rpcinterface:supervisor]",
-            "supervisor.rpcinterface_factory=supervisor.rpcinterface:make_main_rpcinterface", "",
-            "[supervisorctl]", f"serverurl=unix://{self.socket_path}", "",
-            # crashmail's stanza, the command's name changed; the config comes from the environment.
+    def _opsrelay_sections(self) -> list[str]:
+        # crashmail's stanza, the command's name changed; the config comes from the environment.
+        return [
             "[eventlistener:crashmail]",
             f"command={BIN / 'opsrelay'} listen {self.listen_args}",
             "events=PROCESS_STATE",
             f'environment=OPSRELAY_CONFIG="{self.config_path}"',
             f"stderr_logfile={self.listener_log_path}", "",
         ]
-        for program in self.programs:
-            options = {"autostart": False, "stopwaitsecs": 5, "stopasgroup": True, "killasgroup": True,
-                       **program.options}
-            sections += [f"[program:{program.name}]", f"command={program.command}",
-                         *(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-                           for key, value in options.items()), ""]
-        self.conf_path.write_text("\n".join(sections), encoding="utf-8")
 
     def queued(self, flags: CrashmailFlags) -> dict[str, list[Message]]:
         """What waits in each queue the listener's relay declares (unrouted included), left in place."""
