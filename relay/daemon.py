@@ -82,7 +82,7 @@ class Relay:
         self._stopping = False
         self._notifiers = {sub.name: Notifier(sub, config.host) for sub in config.subscriptions}
         # A stateless subscription's state (recent counts) lives here only; a stateful one's in its keeper.
-        self._states = {sub.name: State() for sub in config.subscriptions}
+        self._states = {sub.name: State() for sub in config.subscriptions if not sub.stateful}
         self._keepers: dict[str, StateKeeper] = {}
         self._locks = {sub.name: asyncio.Lock() for sub in config.subscriptions}
         self._changed = {sub.name: asyncio.Event() for sub in config.subscriptions}
@@ -159,7 +159,6 @@ class Relay:
                 tasks[0].result()
                 return
             self._keepers[sub.name] = keeper
-            self._states[sub.name] = keeper.state
             tasks.append(asyncio.create_task(self._consume(
                 subscription_queue(self.prefix, sub.name), self._handler_for(sub), concurrency=4)))
             tasks.append(asyncio.create_task(self._timer(sub, keeper)))
@@ -190,7 +189,7 @@ class Relay:
                     if notices or keeper.stale():
                         await keeper.save()
                 except BaseException:
-                    self._restore(sub, keeper)  # the digests stay pending for the next relay or turn
+                    self._restore(keeper)  # the digests stay pending for the next relay or turn
                     raise
 
     def _handler_for(self, sub: Subscription) -> Callable[[Delivery], Awaitable[None]]:
@@ -259,8 +258,8 @@ class Relay:
             await delivery.ack()
             return
         keeper = self._keepers.get(sub.name)
-        state = self._states[sub.name]
         if keeper is None:
+            state = self._states[sub.name]
             # A stateless subscription's notifier only counts recent events, synchronously: no turn to take.
             try:
                 notices = self._notifiers[sub.name].on_event(state, event, time.time())
@@ -280,7 +279,7 @@ class Relay:
                         await self._queue_notice(sub, notice)
                     await keeper.save()  # a crash after this redelivers the event, and it is seen
                 except BaseException:
-                    self._restore(sub, keeper)
+                    self._restore(keeper)
                     raise
         if not notices:
             log.info("relay: %s: event %s (%s %s) kept for a digest or held by damping",
@@ -288,9 +287,13 @@ class Relay:
         self._changed[sub.name].set()
         await delivery.ack()
 
-    def _restore(self, sub: Subscription, keeper: StateKeeper) -> None:
+    def _state(self, sub: Subscription) -> State:
+        keeper = self._keepers.get(sub.name)
+        return keeper.state if keeper is not None else self._states[sub.name]
+
+    def _restore(self, keeper: StateKeeper) -> None:
         """Back to the state as last saved: a turn that failed half-way leaves nothing behind."""
-        keeper.state = self._states[sub.name] = State.loads(keeper.saved)
+        keeper.state = State.loads(keeper.saved)
 
     async def _queue_or_dead_letter(self, sub: Subscription, notice: Notice) -> None:
         """A digest or summary whose template fails on these events: its events go to dead letters.
@@ -308,7 +311,7 @@ class Relay:
                 message = Message(encode_event(event), event.id, CONTENT_TYPE)
                 await self.engine.send(dead_queue(self.prefix),
                                        dead_letter(message, reason=str(exc), source=source, kind="event"))
-                self._states[sub.name].forget(event.id)  # a replay must not look like a duplicate
+                self._state(sub).forget(event.id)  # a replay must not look like a duplicate
 
     async def _queue_notice(self, sub: Subscription, notice: Notice) -> None:
         mail = self.renderer.render_notice(sub, notice)

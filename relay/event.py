@@ -24,7 +24,9 @@ from typing import Any
 
 from relay.errors import MessageDecodeError
 
-__all__ = ["CONTENT_TYPE", "STATES", "SUPERVISOR_PREFIX", "Event", "decode_event", "encode_event", "utcnow_iso"]
+__all__ = [
+    "CONTENT_TYPE", "STATES", "SUPERVISOR_PREFIX", "Event", "decode_event", "encode_event", "iso_utc", "utcnow_iso",
+]
 
 CONTENT_TYPE = "application/json"
 VERSION = 2
@@ -34,8 +36,13 @@ SUPERVISOR_PREFIX = "SUPERVISOR_STATE_CHANGE_"
 STATES = ("STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN")
 
 
+def iso_utc(when: datetime) -> str:
+    """An event's ``at``: UTC, microseconds, ``Z``."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def utcnow_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return iso_utc(datetime.now(UTC))
 
 
 def _new_id() -> str:

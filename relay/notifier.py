@@ -23,7 +23,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from relay.config import Subscription
-from relay.event import Event
+from relay.event import Event, iso_utc
 from relay.notice import Notice, NoticeKind, mail_id, message_id_header
 from relay.notify_state import MAX_LISTED, Outage, Pending, State, Window, process_key
 
@@ -35,7 +35,7 @@ DOWN_STATES = frozenset({"EXITED", "FATAL", "BACKOFF", "UNKNOWN"})
 
 
 def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return iso_utc(datetime.fromtimestamp(epoch, UTC))
 
 
 def _is_down(event: Event) -> bool:

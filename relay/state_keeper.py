@@ -52,7 +52,7 @@ class StateKeeper:
         self._seq = -1
         self._held: Delivery | None = None
         self._held_seq = -1
-        self._best: tuple[int, Delivery] | None = None
+        self._best: tuple[int, Delivery, State] | None = None
         self._loaded = asyncio.Event()
         self._written = time.monotonic()
 
@@ -98,14 +98,14 @@ class StateKeeper:
             await delivery.ack()
             return
         try:
-            State.loads(delivery.message.body)
+            state = State.loads(delivery.message.body)
         except MessageDecodeError as exc:
             log.error("relay: %s: dropped a state document that cannot be read: %s", self.queue, exc)
             await delivery.ack()
             return
         if self._best is not None:
             await self._best[1].ack()
-        self._best = (_seq(delivery), delivery)
+        self._best = (_seq(delivery), delivery, state)
 
     async def _finish_loading(self) -> None:
         # Every ready copy is on its way to us once the queue shows none ready.
@@ -113,9 +113,8 @@ class StateKeeper:
             await asyncio.sleep(self.settle)
         await asyncio.sleep(self.settle)
         assert self._best is not None
-        self._seq, self._held = self._best
+        self._seq, self._held, self.state = self._best
         self._held_seq = self._seq
-        self.state = State.loads(self._held.message.body)
         self.saved = self._held.message.body
         self._written = time.monotonic()
         self._best = None
