@@ -376,8 +376,8 @@ def queue_events(url: str, queues: Sequence[str]) -> list[object]:
     The rows are leased by a consumer that never acks them and are handed back when it
     closes: the queue is left as it was (marked redelivered).
     """
+    from relay.contract.event import decode_event
     from relay.engines.sqlite import SqliteEngine
-    from relay.event import decode_event
 
     async def read() -> list[object]:
         engine = SqliteEngine(url)
@@ -418,11 +418,12 @@ def _depth(url: str, queues: Sequence[str]) -> int:
 
 def opsrelay_storm(work: Path, seconds: float, listeners: int, buffer_size: int, *, enrich: bool = True,
                    command: str = "/bin/false", label: str = "") -> StormRow:
-    from relay.config import load_config
-    from relay.daemon import relay_topology
+    from relay.config.models import load_config
+    from relay.contract.event import Event
+    from relay.contract.names import subscription_queue, unrouted_queue
+    from relay.contract.topology import event_topology
+    from relay.daemon.relay import relay_topology
     from relay.engines.sqlite import SqliteEngine
-    from relay.event import Event
-    from relay.topology import event_topology, subscription_queue, unrouted_queue
 
     work.mkdir()
     url = f"sqlite:///{work / 'queue' / 'queue.db'}"

@@ -159,7 +159,7 @@ def _latency_row(name: str, latencies_ns: Sequence[int], *, ok: int | None = Non
 
 def latency(events: int = 10_000) -> None:
     from listeners.spool import Spool
-    from relay.topology import unrouted_queue
+    from relay.contract.names import unrouted_queue
 
     payloads = envelopes(events)
     prefix = "bench"

@@ -39,7 +39,8 @@ from bench.common import (
     unique_prefix,
     wait_for_broker,
 )
-from relay.topology import event_topology, unrouted_queue
+from relay.contract.names import unrouted_queue
+from relay.contract.topology import event_topology
 
 __all__ = ["Listener", "drive", "envelopes", "run"]
 

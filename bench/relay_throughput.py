@@ -11,7 +11,7 @@ Rows (same rendered ~1.5 KB crash mails throughout):
 * bare loop: one aiosmtplib connection per task (connect, STARTTLS, AUTH once), then
   ``sendmail`` per mail: the ceiling for that many connections;
 * bare, new connection per mail: ``aiosmtplib.send`` each time, what a naive relay does;
-* ``relay.smtp.SmtpPool``: the relay's own client, without the broker;
+* ``relay.delivery.smtp.SmtpPool``: the relay's own client, without the broker;
 * ``opsrelay serve``: the whole relay, as deployed, draining a pre-filled
   ``<prefix>.outbound`` queue on RabbitMQ (consume, send, ack; INFO log per mail).
 
@@ -57,7 +57,7 @@ from bench.common import (
     unique_prefix,
     wait_for_broker,
 )
-from relay.mail import OutboundMail
+from relay.contract.mail import OutboundMail
 from tests.smtp_server import DEFAULT_PASSWORD, DEFAULT_USER
 
 __all__ = ["run", "serve_smtp"]
@@ -87,9 +87,9 @@ LOG_TAIL = "\n".join([
 
 def crash_mails(count: int) -> list[OutboundMail]:
     """Rendered by the relay's own templates: what a crash of a busy worker looks like."""
-    from relay.config import Config, SmtpConfig, Subscription
-    from relay.event import Event
-    from relay.render import Renderer
+    from relay.config.models import Config, SmtpConfig, Subscription
+    from relay.contract.event import Event
+    from relay.render.renderer import Renderer
 
     sub = Subscription(name="oncall", to=(RECIPIENT,))
     renderer = Renderer(Config(host="web1", smtp=SmtpConfig.model_validate({"from": SENDER}),
@@ -253,8 +253,8 @@ async def bare_fresh(server: SmtpChild, raws: Sequence[bytes]) -> None:
 
 
 async def smtp_pool(server: SmtpChild, raws: Sequence[bytes], pool_size: int) -> None:
-    from relay.config import SmtpConfig
-    from relay.smtp import SmtpPool
+    from relay.config.models import SmtpConfig
+    from relay.delivery.smtp import SmtpPool
 
     pool = SmtpPool(SmtpConfig.model_validate(server.smtp_config(pool_size)))
 
@@ -321,11 +321,11 @@ async def full_relay(server: SmtpChild, mails: Sequence[OutboundMail], pool_size
     Its CPU per mail is read from /proc between the first and the last mail, so the
     interpreter's start-up and imports are left out of it (they are in ``incl. start``).
     """
-    from relay.config import load_config
-    from relay.daemon import relay_topology
+    from relay.config.models import load_config
+    from relay.contract.mail import to_message
+    from relay.contract.names import dead_queue, outbound_queue
+    from relay.daemon.relay import relay_topology
     from relay.engines.amqp import AmqpEngine
-    from relay.mail import to_message
-    from relay.topology import dead_queue, outbound_queue
 
     name = f"(d) opsrelay serve, pool_size={pool_size}"
     prefix = unique_prefix(f"relay{pool_size}")

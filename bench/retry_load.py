@@ -64,9 +64,9 @@ from bench.common import (
 )
 
 if TYPE_CHECKING:
-    from relay.engines.base import Message
-    from relay.mail import OutboundMail
-    from relay.topology import Topology
+    from relay.contract.mail import OutboundMail
+    from relay.contract.message import Message
+    from relay.contract.topology import Topology
 
 __all__ = ["Smarthost", "SmarthostChild", "Window", "bench_mails", "deployed_env", "fails_first", "mail_key", "run",
            "serve_smtp"]
@@ -122,7 +122,7 @@ def deployed_env(**extra: str) -> dict[str, str]:
 
     An installed opsrelay has its bytecode compiled (pip does it); with the variable set, every
     module edited since its .pyc was written is compiled again at each start (~20 ms for
-    relay/fastconfig.py), which no deployment pays. The first run writes the missing .pyc files.
+    relay/config/fast.py), which no deployment pays. The first run writes the missing .pyc files.
     """
     env = child_env(**extra)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -326,8 +326,8 @@ class RelaySetup:
 
     @classmethod
     def make(cls, engine: str, server: SmarthostChild, work: Path, *, backoff: str, pool_size: int) -> RelaySetup:
-        from relay.config import load_config
-        from relay.daemon import relay_topology
+        from relay.config.models import load_config
+        from relay.daemon.relay import relay_topology
 
         prefix = unique_prefix("retry")
         url = f"sqlite:///{work / prefix}.db" if engine == "sqlite" else AMQP_URL
@@ -338,7 +338,7 @@ class RelaySetup:
         return cls(engine, url, prefix, config, work / f"{prefix}.log", relay_topology(load_config(config, env={})))
 
     def queue(self, kind: str) -> str:
-        from relay.topology import dead_queue, outbound_queue
+        from relay.contract.names import dead_queue, outbound_queue
 
         return outbound_queue(self.prefix) if kind == "outbound" else dead_queue(self.prefix)
 
@@ -361,10 +361,11 @@ class RelaySetup:
                 await asyncio.gather(*(engine.send(queue, m) for m in messages[start:start + 1000]))
 
     def _fill_sqlite(self, queue: str, messages: Sequence[Message]) -> None:
+        from relay.engines import sqlite_rows
         from relay.engines import sqlite_store as store
         from relay.engines.sqlite import db_path
 
-        conn = store.connect(db_path(self.url), 15.0)
+        conn = sqlite_rows.connect(db_path(self.url), 15.0)
         try:
             # The engine's own schema and INSERT, without the fsync per row that a relay pays.
             conn.execute("PRAGMA synchronous = OFF")
@@ -375,7 +376,7 @@ class RelaySetup:
             conn.close()
 
     async def depths(self, queues: Sequence[str]) -> dict[str, int]:
-        from relay.engines.base import open_engine
+        from relay.engines import open_engine
 
         if self.engine == "RabbitMQ":
             await wait_for_broker(AMQP_URL)
@@ -428,7 +429,7 @@ class Run:
 async def throughput_run(engine: str, mode: str, server: SmarthostChild, mails: Sequence[OutboundMail],
                          expect_failed: int, work: Path, pool_size: int) -> Run:
     """``opsrelay serve`` draining a pre-filled outbound queue, until the server took every mail once."""
-    from relay.mail import to_message
+    from relay.contract.mail import to_message
 
     setup = RelaySetup.make(engine, server, work, backoff="200ms", pool_size=pool_size)
     what = f"{engine}, {mode}"
@@ -504,7 +505,7 @@ async def _consuming(setup: RelaySetup, proc: asyncio.subprocess.Process, within
 async def memory_run(engine: str, case: str, server: SmarthostChild, mails: Sequence[OutboundMail],
                      work: Path) -> Memory:
     """``case``: ``empty`` (queues empty), ``direct`` (written into the retry queue), ``relay`` (451ed by it)."""
-    from relay.mail import Attempt, to_message
+    from relay.contract.mail import Attempt, to_message
 
     setup = RelaySetup.make(engine, server, work, backoff="1h", pool_size=2)
     retry, outbound = setup.retry_queue(), setup.queue("outbound")

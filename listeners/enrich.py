@@ -56,11 +56,11 @@ from listeners.supervisor_rpc import (
     SupervisorUnreachable,
     xml_safe,
 )
-from relay.event import Event
+from relay.contract.event import Event
 
 if TYPE_CHECKING:
 
-    from relay.config import Config
+    from relay.config.models import Config
 
 __all__ = [
     "MAIN_LOG_BYTES",

@@ -1,6 +1,6 @@
 """The eventlistener loop: READY, read one event, decide, publish, answer, repeat.
 
-The policy is pure (:func:`decide`, :func:`retry_pause`); :func:`run` only
+The policy is pure (:func:`decide`, and :func:`relay.timing.doubling` for the pause after a FAIL); :func:`run` only
 moves text between the streams it is given and the publisher.
 
 * A handled event is answered OK only after ``publish`` returned (durable).
@@ -39,8 +39,9 @@ from typing import BinaryIO, Protocol, TextIO, runtime_checkable
 from listeners import protocol
 from listeners.protocol import Header, HeaderError
 from listeners.supervisor import event_from_payload
+from relay.contract.event import Event
 from relay.errors import ProtocolError, RelayError
-from relay.event import Event
+from relay.timing import doubling
 
 __all__ = [
     "Decision",
@@ -51,12 +52,13 @@ __all__ = [
     "Publisher",
     "Ticker",
     "decide",
-    "retry_pause",
     "run",
     "text_streams",
 ]
 
 log = logging.getLogger("opsrelay.listener")
+# The pause before READY after FAILs in a row: supervisord resends, we must not spin.
+FAIL_PAUSE_FIRST, FAIL_PAUSE_CAP = 0.5, 30.0
 
 
 class Publisher(Protocol):
@@ -117,13 +119,6 @@ def decide(header: Header, payload: str, *, host: str, at: str | None = None, or
     if event is None:
         return Ignore(header.eventname)
     return Publish(replace(event, id=event_id(header, payload, host=host, origin=origin)))
-
-
-def retry_pause(failures: int, *, first: float = 0.5, cap: float = 30.0) -> float:
-    """Seconds to wait before READY after ``failures`` FAILs in a row (0 after a success)."""
-    if failures <= 0:
-        return 0.0
-    return float(min(cap, first * 2 ** (failures - 1)))
 
 
 def text_streams(stdin: BinaryIO, stdout: BinaryIO) -> tuple[TextIO, TextIO]:
@@ -255,7 +250,7 @@ def run(
     framed = True
     while max_events is None or answered < max_events:
         if failures:
-            sleep(retry_pause(failures))
+            sleep(doubling(failures, first=FAIL_PAUSE_FIRST, cap=FAIL_PAUSE_CAP))
         _send(stdout, protocol.READY)
         got = _next_header(stdin, framed=framed)
         if got is None:

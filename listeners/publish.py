@@ -2,33 +2,28 @@
 
 The eventlistener loop is synchronous (it owns stdin/stdout), while engines are
 asyncio. Each engine lives on its own event loop in a daemon thread
-(:class:`LoopThread`), so a connection keeps its heartbeats between events, and
-every call from the loop waits a bounded time: supervisord is never held longer.
-
-:func:`make_publisher` picks what ``opsrelay listen`` uses: with an AMQP broker,
-a :class:`listeners.spool.SpoolingPublisher` (store-and-forward while the broker
-is away); with the embedded engine, the plain :class:`EnginePublisher` (the
-queue is a local fsynced file already, a spool would only copy it).
+(:class:`listeners.bridge.LoopThread`), so a connection keeps its heartbeats between
+events, and every call from the loop waits a bounded time: supervisord is never held
+longer. :func:`listeners.factory.make_publisher` picks which publisher ``opsrelay listen`` uses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import threading
-from collections.abc import Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
+from listeners.bridge import LoopThread
 from listeners.eventlistener import Publisher
-from relay.config import Config
-from relay.engines.base import Engine, Message, open_engine
-from relay.errors import BrokerUnavailable, RelayError
-from relay.event import CONTENT_TYPE, Event, encode_event
-from relay.routing import event_key, supervisor_key
-from relay.topology import event_topology, events_exchange
+from relay.contract.event import Event, event_message
+from relay.contract.message import Message
+from relay.contract.names import events_exchange
+from relay.contract.topology import event_topology
+from relay.engines import open_engine
+from relay.engines.base import Engine
+from relay.errors import RelayError
 
-__all__ = ["EnginePublisher", "ListenerPublisher", "LoopThread", "Upstream", "event_message", "make_publisher"]
+__all__ = ["EnginePublisher", "ListenerPublisher", "Upstream"]
 
 log = logging.getLogger("opsrelay.listener")
 _T = TypeVar("_T")
@@ -49,48 +44,6 @@ class Upstream(Protocol):
         """Return once the broker confirmed; raise a RelayError within about ``timeout`` otherwise."""
 
     def close(self) -> None: ...
-
-
-def event_message(event: Event) -> tuple[str, Message]:
-    """The routing key and the message of an event (DESIGN.md: the public event contract).
-
-    supervisord's own state changes go to ``sup.<host>.<STATE>``, so that no ``proc.`` binding sees them.
-    """
-    if event.is_supervisor:
-        key = supervisor_key(event.host, event.state)
-    else:
-        key = event_key(event.host, event.group, event.process, event.state)
-    return key, Message(encode_event(event), message_id=event.id, content_type=CONTENT_TYPE)
-
-
-class LoopThread:
-    """An asyncio loop in a daemon thread, called from blocking code with a bound on every call."""
-
-    def __init__(self, name: str) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, _T], *, timeout: float, what: str) -> _T:
-        """The coroutine's result; BrokerUnavailable (and the coroutine cancelled) after ``timeout``."""
-        if not self._thread.is_alive():
-            coro.close()
-            raise BrokerUnavailable(f"{what}: the publisher is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise BrokerUnavailable(f"{what}: no answer within {timeout:.1f}s") from None
-        except concurrent.futures.CancelledError:
-            raise BrokerUnavailable(f"{what}: cancelled") from None
-
-    def stop(self, timeout: float) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=timeout)
-        if not self._thread.is_alive() and not self._loop.is_closed():
-            self._loop.close()
 
 
 class EnginePublisher:
@@ -138,14 +91,3 @@ class EnginePublisher:
         except RelayError as exc:
             log.warning("closing the broker connection: %s", exc)
         self._thread.stop(timeout=self.timeout)
-
-
-def make_publisher(config: Config) -> ListenerPublisher:
-    """The publisher ``opsrelay listen`` uses for this config."""
-    broker = config.broker
-    upstream = EnginePublisher(broker.url, broker.prefix, timeout=broker.confirm_timeout)
-    if broker.url.partition(":")[0].lower() == "sqlite":
-        return upstream
-    from listeners.spool import Spool, SpoolingPublisher
-
-    return SpoolingPublisher(upstream, Spool(broker.spool, broker.prefix), confirm_timeout=broker.confirm_timeout)

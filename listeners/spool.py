@@ -44,12 +44,16 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from listeners.publish import LoopThread, Upstream, event_message
-from relay.engines.base import Delivery, Message
+from listeners.bridge import LoopThread
+from listeners.publish import Upstream
+from relay.contract.event import Event, event_message
+from relay.contract.message import Message
+from relay.contract.names import spool_name
+from relay.contract.topology import spool_topology
+from relay.engines.base import Delivery
 from relay.engines.sqlite import SqliteEngine, db_path
 from relay.errors import BrokerUnavailable, RelayError
-from relay.event import Event
-from relay.topology import spool_name, spool_topology
+from relay.timing import doubling
 
 __all__ = ["SPOOL_TIMEOUT", "Spool", "SpoolingPublisher", "spool_name", "spool_topology"]
 
@@ -130,7 +134,7 @@ class _Backoff:
 
     def failed(self, now: float) -> None:
         self.failures += 1
-        self.next_try = now + min(self.cap, self.first * 2 ** (self.failures - 1))
+        self.next_try = now + doubling(self.failures, first=self.first, cap=self.cap)
 
     def succeeded(self) -> None:
         self.failures, self.next_try = 0, 0.0

@@ -1,4 +1,4 @@
-"""supervisord PROCESS_STATE_* and SUPERVISOR_STATE_CHANGE_* payloads -> :class:`relay.event.Event` (pure).
+"""supervisord PROCESS_STATE_* and SUPERVISOR_STATE_CHANGE_* payloads -> :class:`relay.contract.event.Event` (pure).
 
 What each type carries after ``processname groupname from_state`` is fixed by
 ``get_extra_values`` in supervisor/events.py:
@@ -22,8 +22,8 @@ import re
 from dataclasses import replace
 
 from listeners.protocol import parse_fields
+from relay.contract.event import STATES, SUPERVISOR_PREFIX, Event
 from relay.errors import ProtocolError
-from relay.event import STATES, SUPERVISOR_PREFIX, Event
 
 __all__ = ["PREFIX", "SUPERVISOR_STATES", "event_from_payload", "handles"]
 

@@ -1,8 +1,8 @@
 """The one exception tree of opsrelay.
 
 Each library's exceptions are translated into these at exactly one boundary
-(aio-pika in ``relay.engines.amqp``, aiosmtplib in ``relay.smtp``, TOML and
-pydantic in ``relay.config``), so the rest of the code decides on our classes::
+(aio-pika in ``relay.engines.amqp``, aiosmtplib in ``relay.delivery.smtp``, TOML and
+pydantic in ``relay.config.models``), so the rest of the code decides on our classes::
 
     RelayError
     ├── TransientError            retry later with backoff (4xx, timeouts, refused connections)

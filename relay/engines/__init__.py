@@ -1,11 +1,32 @@
 """Message engines: RabbitMQ (aio-pika) for fleets, SQLite for one host.
 
-``open_engine(url)`` imports only the engine the URL names, so the listener and
-sendmail paths never pay for aio-pika when they run on the embedded queue.
+The interface is :mod:`relay.engines.base`; :func:`open_engine` imports only the
+implementation the URL names, so the listener and sendmail paths never pay for
+aio-pika when they run on the embedded queue. This module imports nothing itself:
+``relay.engines.sqlite_rows`` stays cheap for the sendmail fast path.
 """
 
 from __future__ import annotations
 
-from relay.engines.base import Delivery, Engine, Message, open_engine
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from relay.engines.base import Engine
 
-__all__ = ["Delivery", "Engine", "Message", "open_engine"]
+__all__ = ["open_engine"]
+
+
+def open_engine(url: str, **options: float) -> Engine:
+    """The engine for ``url``: ``amqp://``/``amqps://`` or ``sqlite:///PATH``."""
+    from relay.contract.urls import is_amqp, is_sqlite
+
+    if is_amqp(url):
+        from relay.engines.amqp import AmqpEngine
+
+        return AmqpEngine(url, **options)
+    if is_sqlite(url):
+        from relay.engines.sqlite import SqliteEngine
+
+        return SqliteEngine(url, **options)
+    from relay.errors import ConfigError
+
+    raise ConfigError("unsupported broker URL scheme (use amqp://, amqps:// or sqlite:///PATH)", key="broker.url")

@@ -20,9 +20,11 @@ import aio_pika.exceptions
 import aiormq.exceptions
 import pamqp.exceptions
 
-from relay.engines.base import Delivery, Engine, HeaderValue, Message, mask_url
+from relay.contract.message import HeaderValue, Message
+from relay.contract.topology import Topology
+from relay.contract.urls import mask_url
+from relay.engines.base import Delivery, Engine
 from relay.errors import BrokerUnavailable, ConfigurationError
-from relay.topology import Topology
 
 __all__ = ["AmqpEngine"]
 

@@ -10,26 +10,14 @@ into another queue (delayed retry). Errors leave an engine only as
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Protocol
 
-from relay.topology import Topology
+from relay.contract.message import Message
+from relay.contract.topology import Topology
 
-__all__ = ["Delivery", "Engine", "HeaderValue", "Message", "mask_url", "open_engine"]
-
-HeaderValue = str | int | bool | None
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    body: bytes
-    message_id: str
-    content_type: str = "application/octet-stream"
-    headers: Mapping[str, HeaderValue] = field(default_factory=dict)
-    # Set on consumption: the key the message was published with.
-    routing_key: str = ""
+__all__ = ["Delivery", "Engine"]
 
 
 class Delivery(Protocol):
@@ -89,30 +77,3 @@ class Engine(abc.ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
-
-
-def open_engine(url: str, **options: float) -> Engine:
-    """The engine for ``url``: ``amqp://``/``amqps://`` or ``sqlite:///PATH``."""
-    scheme = url.partition(":")[0].lower()
-    if scheme in ("amqp", "amqps"):
-        from relay.engines.amqp import AmqpEngine
-
-        return AmqpEngine(url, **options)
-    if scheme == "sqlite":
-        from relay.engines.sqlite import SqliteEngine
-
-        return SqliteEngine(url, **options)
-    from relay.errors import ConfigError
-
-    raise ConfigError(f"unsupported broker URL scheme {scheme!r} (use amqp://, amqps:// or sqlite:///PATH)",
-                      key="broker.url")
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``******``, for logs and ``opsrelay check``."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:******@{hostpart}"

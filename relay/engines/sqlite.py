@@ -47,11 +47,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import ParamSpec, TypeVar
 
+from relay.contract.message import Message
+from relay.contract.topology import Topology
+from relay.contract.urls import sqlite_path
+from relay.engines import sqlite_rows
 from relay.engines import sqlite_store as store
-from relay.engines.base import Delivery, Engine, Message
-from relay.engines.sqlite_wake import WAKE_ALL, Poker, RunDir, WakeSocket
+from relay.engines.base import Delivery, Engine
+from relay.engines.sqlite_wake import WAKE_ALL, Poker, RunDir, WakeSocket, run_dir
 from relay.errors import BrokerUnavailable, ConfigError, RelayError
-from relay.topology import Topology
 
 __all__ = ["SqliteEngine", "db_path"]
 
@@ -64,11 +67,11 @@ _UNLIMITED_BATCH = 100
 
 
 def db_path(url: str) -> str:
-    """The file of ``sqlite:///PATH`` (four slashes for an absolute path)."""
-    scheme, sep, path = url.partition(":///")
-    if scheme.lower() != "sqlite" or not sep or not path or path == ":memory:":
-        raise ConfigError(f"expected sqlite:////absolute/path/queue.db, got {url!r}", key="broker.url")
-    return os.path.abspath(path)
+    """The file of ``sqlite:///PATH``; ConfigError naming ``broker.url`` otherwise."""
+    try:
+        return sqlite_path(url)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="broker.url") from None
 
 
 class _SqliteDelivery:
@@ -158,9 +161,9 @@ class SqliteEngine(Engine):
         if not os.path.isdir(directory):
             os.makedirs(directory, exist_ok=True)
             os.chmod(directory, 0o700)
-        self._conn = store.connect(self.path, self.busy_timeout)
+        self._conn = sqlite_rows.connect(self.path, self.busy_timeout)
         # Beside the real file, so a symlinked path cannot hide a live engine's lock from us.
-        self._run = RunDir(os.path.realpath(self.path) + ".run")
+        self._run = RunDir(run_dir(self.path))
         self._poker = Poker(self._run)
 
     def _close_sync(self) -> None:

@@ -11,24 +11,20 @@ A row is *ready* when ``owner`` is NULL; taking it writes the taker's token into
 
 from __future__ import annotations
 
-import json
-import os
 import sqlite3
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from relay.engines.base import HeaderValue, Message
+from relay.contract.keys import topic_matches
+from relay.contract.message import Message
+from relay.contract.topology import ExchangeKind, Topology
+from relay.engines.sqlite_rows import INSERT, decode_headers, encode_headers, immediate, insert, now_ms
 from relay.errors import ConfigurationError
-from relay.routing import topic_matches
-from relay.topology import ExchangeKind, Topology
 
 __all__ = [
     "Row",
     "Settle",
-    "connect",
     "declare",
     "depth",
     "expire",
@@ -41,38 +37,9 @@ __all__ = [
     "take",
 ]
 
-SCHEMA_VERSION = 1
 # Expired rows moved per pass; the rest go on the next pass (their due time is already past).
 _EXPIRE_BATCH = 500
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS exchanges (
-    name TEXT PRIMARY KEY, kind TEXT NOT NULL, alternate TEXT);
-CREATE TABLE IF NOT EXISTS queues (
-    name TEXT PRIMARY KEY, ttl_ms INTEGER, dead_letter_to TEXT);
-CREATE TABLE IF NOT EXISTS bindings (
-    exchange TEXT NOT NULL, queue TEXT NOT NULL, pattern TEXT NOT NULL,
-    PRIMARY KEY (exchange, queue, pattern));
--- AUTOINCREMENT: ids never come back, so ORDER BY id is arrival order for ever.
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue TEXT NOT NULL,
-    body BLOB NOT NULL,
-    message_id TEXT NOT NULL,
-    content_type TEXT NOT NULL,
-    headers TEXT NOT NULL,
-    routing_key TEXT NOT NULL,
-    redelivered INTEGER NOT NULL DEFAULT 0,
-    expires_at INTEGER,
-    owner TEXT);
-CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, owner, id);
-CREATE INDEX IF NOT EXISTS messages_owner ON messages (owner) WHERE owner IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_due ON messages (expires_at)
-    WHERE expires_at IS NOT NULL AND owner IS NULL;
-"""
-
 _COLUMNS = "id, body, message_id, content_type, headers, routing_key, redelivered"
-_INSERT = "INSERT INTO messages (queue, body, message_id, content_type, headers, routing_key, expires_at)"
 _EXCHANGE = "SELECT kind, alternate FROM exchanges WHERE name = ?"
 
 
@@ -83,60 +50,8 @@ class Row:
     redelivered: bool
 
 
-def now_ms() -> int:
-    # Wall clock, not monotonic: every process on the host must agree on due times.
-    return time.time_ns() // 1_000_000
-
-
-def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
-    """Open (creating 0600) the database, in WAL mode with fsync on every commit."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if os.fstat(fd).st_size == 0:
-            os.fchmod(fd, 0o600)  # ours and new: exact mode whatever the umask
-    finally:
-        os.close(fd)
-    # isolation_level=None: no implicit transactions, we open our own.
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")  # persistent in the file; set once
-        # WAL + FULL: each commit fsyncs the WAL, so a returned publish survives power loss.
-        conn.execute("PRAGMA synchronous = FULL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise ConfigurationError(f"{path} was written by a newer opsrelay (schema {version})")
-        if version < SCHEMA_VERSION:
-            # Not executescript(): it commits first, and the schema must be made under the write lock.
-            with _immediate(conn):
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-@contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction that takes the write lock up front (waiting up to busy_timeout)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        # Some errors (SQLITE_FULL, I/O) already rolled back; a second ROLLBACK would hide them.
-        if conn.in_transaction:
-            with suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        raise
-
-
 def declare(conn: sqlite3.Connection, topology: Topology) -> None:
-    with _immediate(conn):
+    with immediate(conn):
         for ex in topology.exchanges:
             if ex.name == "":
                 raise ConfigurationError("the default exchange cannot be declared")
@@ -206,9 +121,9 @@ def _route(conn: sqlite3.Connection, exchange: str, key: str) -> list[str]:
 
 def publish(conn: sqlite3.Connection, exchange: str, key: str, message: Message) -> tuple[list[str], int | None]:
     """Store one row per destination queue; returns the queues and the shortest TTL among them."""
-    headers = json.dumps(dict(message.headers), ensure_ascii=False, separators=(",", ":"))
+    headers = encode_headers(message.headers)
     now = now_ms()
-    with _immediate(conn):
+    with immediate(conn):
         queues = _route(conn, exchange, key)
         if not queues:
             # Like the AMQP engine's mandatory publish: never let a message vanish silently.
@@ -218,18 +133,15 @@ def publish(conn: sqlite3.Connection, exchange: str, key: str, message: Message)
             ttl = conn.execute("SELECT ttl_ms FROM queues WHERE name = ?", (queue,)).fetchone()[0]
             if ttl is not None:
                 shortest = ttl if shortest is None else min(shortest, ttl)
-            conn.execute(
-                f"{_INSERT} VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (queue, message.body, message.message_id, message.content_type, headers, key,
-                 None if ttl is None else now + ttl),
-            )
+            insert(conn, queue, message.body, message.message_id, message.content_type, headers, key,
+                   None if ttl is None else now + ttl)
     return queues, shortest
 
 
 def _row(values: tuple[int, bytes, str, str, str, str, int]) -> Row:
     row_id, body, message_id, content_type, headers, routing_key, redelivered = values
-    decoded: dict[str, HeaderValue] = json.loads(headers)
-    return Row(row_id, Message(body, message_id, content_type, decoded, routing_key), bool(redelivered))
+    return Row(row_id, Message(body, message_id, content_type, decode_headers(headers), routing_key),
+               bool(redelivered))
 
 
 def take(conn: sqlite3.Connection, queue: str, owner: str, limit: int) -> tuple[list[Row], list[str]]:
@@ -246,7 +158,7 @@ def take(conn: sqlite3.Connection, queue: str, owner: str, limit: int) -> tuple[
     ).fetchone()[0]
     if not busy:
         return [], []
-    with _immediate(conn):
+    with immediate(conn):
         moved = _expire(conn, now)
         values = conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND owner IS NULL ORDER BY id LIMIT ?",  # noqa: S608
@@ -264,7 +176,7 @@ def expire(conn: sqlite3.Connection) -> list[str]:
     ).fetchone()
     if due is None:
         return []
-    with _immediate(conn):
+    with immediate(conn):
         return _expire(conn, now)
 
 
@@ -292,7 +204,7 @@ def _dead_letter(conn: sqlite3.Connection, ids: Sequence[int], now: int) -> list
         ).fetchone() or (None, None)
         if target is not None:
             conn.execute(
-                f"{_INSERT} SELECT ?, body, message_id, content_type, headers, ?, ?"  # noqa: S608
+                f"{INSERT} SELECT ?, body, message_id, content_type, headers, ?, ?"  # noqa: S608
                 " FROM messages WHERE id = ?",
                 (target, target, None if ttl is None else now + ttl, row_id),
             )
@@ -309,7 +221,7 @@ class Settle(Enum):
 
 def settle(conn: sqlite3.Connection, row_id: int, owner: str, how: Settle) -> list[str] | None:
     """Apply ack or reject to a leased row: the queues to wake, or None if the lease is not ours."""
-    with _immediate(conn):
+    with immediate(conn):
         found = conn.execute("SELECT queue FROM messages WHERE id = ? AND owner = ?", (row_id, owner)).fetchone()
         if found is None:
             return None
@@ -327,7 +239,7 @@ def release(
     conn: sqlite3.Connection, owners: Sequence[str], ids: Sequence[int] | None = None, *, redelivered: bool
 ) -> list[str]:
     """Return leased rows (all of ``owners``', or just ``ids``) to their queues; returns those queues."""
-    with _immediate(conn):
+    with immediate(conn):
         params: list[str | int]
         if ids is None:
             where, params = f"owner IN ({','.join('?' * len(owners))})", list(owners)
@@ -360,3 +272,14 @@ def depth(conn: sqlite3.Connection, queue: str) -> int:
     return int(conn.execute(
         "SELECT COUNT(*) FROM messages WHERE queue = ? AND owner IS NULL", (queue,)
     ).fetchone()[0])
+
+
+def waiting(conn: sqlite3.Connection, queues: Sequence[str],
+            queue_prefix: str = "\0") -> list[tuple[str, Message, bool, int | None]]:
+    """Every row of ``queues`` or of a queue named ``queue_prefix…``, leased ones included, in order:
+    (queue, message, leased, expires_at). For ``mailq``, which shows what is being delivered too."""
+    rows = conn.execute(
+        f"SELECT queue, {_COLUMNS}, owner IS NOT NULL, expires_at FROM messages"  # noqa: S608
+        f" WHERE queue IN ({','.join('?' * len(queues))}) OR substr(queue, 1, ?) = ? ORDER BY id",
+        (*queues, len(queue_prefix), queue_prefix)).fetchall()
+    return [(r[0], _row(r[1:8]).message, bool(r[8]), r[9]) for r in rows]

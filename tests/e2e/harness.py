@@ -322,9 +322,9 @@ class Supervisor:
             return  # the embedded queue lives in the test's own directory
         import aio_pika
 
-        from relay.config import load_config
-        from relay.daemon import relay_topology
-        from relay.topology import event_topology
+        from relay.config.models import load_config
+        from relay.contract.topology import event_topology
+        from relay.daemon.relay import relay_topology
 
         topology = relay_topology(load_config(self.config_path, env={})) + event_topology(self.prefix)
 

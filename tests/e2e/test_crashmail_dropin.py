@@ -7,7 +7,7 @@ supervisord.conf has only crashmail's stanza with the program name changed::
     events=PROCESS_STATE
 
 No ``opsrelay serve`` runs: the listener hosts the relay for the implicit subscription
-(listeners/hosted_relay.py). The config (found through ``$OPSRELAY_CONFIG``, set in the
+(relay/daemon/hosted.py). The config (found through ``$OPSRELAY_CONFIG``, set in the
 stanza's environment) names the test SMTP server (STARTTLS + AUTH, trustme CA) and an
 embedded queue in the test's directory. The last test runs the listener on its own,
 as supervisord would leave it when it dies: stdin closed.
@@ -25,14 +25,15 @@ from pathlib import Path
 
 import pytest
 
-from listeners.hosted_relay import hosted_config
-from relay.config import load_config
-from relay.crashmail import CrashmailFlags, config_with_crashmail
-from relay.daemon import relay_topology
-from relay.engines import Message, open_engine
-from relay.event import decode_event
-from relay.inspect import browse
-from relay.topology import unrouted_queue
+from relay.config.crashmail import CrashmailFlags, config_with_crashmail
+from relay.config.models import load_config
+from relay.contract.event import decode_event
+from relay.contract.message import Message
+from relay.contract.names import unrouted_queue
+from relay.daemon.hosted import hosted_config
+from relay.daemon.relay import relay_topology
+from relay.engines import open_engine
+from relay.ops.browse import browse
 from tests.e2e.harness import BIN, Program, Supervisor, stop_all, wait_for
 from tests.e2e.mail import parsed
 from tests.smtp_server import ReceivedMail, SmtpServer

@@ -27,12 +27,17 @@ from typing import Any
 
 import pytest
 
-from relay.config import Config
-from relay.daemon import relay_topology, serve_forever
-from relay.engines.base import Engine, Message, open_engine
-from relay.mail import OutboundMail, build_message, to_message
-from relay.smtp import SmtpPool
-from relay.topology import dead_queue, event_topology, outbound_queue, retry_queue
+from relay.config.models import Config
+from relay.contract.mail import OutboundMail, to_message
+from relay.contract.message import Message
+from relay.contract.names import dead_queue, outbound_queue, retry_queue
+from relay.contract.topology import event_topology
+from relay.daemon.relay import relay_topology
+from relay.daemon.serve import serve_forever
+from relay.delivery.smtp import SmtpPool
+from relay.engines import open_engine
+from relay.engines.base import Engine
+from relay.render.mime import build_message
 from tests.smtp_server import ReceivedMail, SmtpServer
 
 __all__ = [

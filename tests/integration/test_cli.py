@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from relay.cli import app
+from relay.cli.app import app
 from tests.smtp_server import DEFAULT_PASSWORD, SmtpServer, free_port
 
 pytestmark = pytest.mark.timeout(60)

@@ -2,7 +2,7 @@
 CliRunner: text and --json output, and exit codes (0, 1 not found, 64 usage, 75 broker, 78 config).
 
 The queue is the embedded SQLite engine in a tmp dir, filled by the real relay
-(:class:`relay.daemon.Relay` with a :class:`relay.smtp.RecordingMailer` refusing with 550 or
+(:class:`relay.daemon.Relay` with a :class:`relay.delivery.smtp.RecordingMailer` refusing with 550 or
 failing on the smarthost's TLS); one round trip runs on RabbitMQ as well.
 """
 
@@ -19,16 +19,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from relay.cli import app
-from relay.config import Config, load_config
-from relay.daemon import Relay, dead_letter, relay_topology
-from relay.engines.base import Message, open_engine
+from relay.cli.app import app
+from relay.config.models import Config, load_config
+from relay.contract.event import CONTENT_TYPE, Event, encode_event
+from relay.contract.keys import event_key
+from relay.contract.mail import OutboundMail, dead_letter, from_message, to_message
+from relay.contract.message import Message
+from relay.contract.names import events_exchange, outbound_queue, subscription_queue
+from relay.daemon.relay import Relay, relay_topology
+from relay.engines import open_engine
 from relay.errors import SMTPSecurityError
-from relay.event import CONTENT_TYPE, Event, encode_event
-from relay.mail import OutboundMail, build_message, from_message, to_message
-from relay.routing import event_key
-from relay.smtp import RecordingMailer
-from relay.topology import events_exchange, outbound_queue, subscription_queue
+from relay.render.mime import build_message
+from tests.doubles import RecordingMailer
 from tests.smtp_server import free_port
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,6 +9,7 @@ outbound or a retry queue, and invalid messages are dead-lettered, not looped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import time
@@ -20,9 +21,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay.engines.base import Delivery, Engine, HeaderValue, Message
-from relay.mail import to_message
-from relay.topology import outbound_queue
+from relay.contract.mail import to_message
+from relay.contract.message import HeaderValue, Message
+from relay.contract.names import outbound_queue
+from relay.engines.base import Delivery, Engine
 from tests.integration.faults import (
     Broker,
     Ledger,
@@ -252,6 +254,11 @@ async def test_smarthost_fault_holds_mail_without_using_attempts_until_fixed(
     assert all(m.tls and m.auth_user == good.user for m in good.received)
 
 
+def with_headers(message: Message, headers: dict[str, HeaderValue]) -> Message:
+    """The message with some of its headers replaced (a mail another writer got wrong)."""
+    return dataclasses.replace(message, headers={**message.headers, **headers})
+
+
 async def test_malformed_messages_are_dead_lettered_as_invalid_and_mail_keeps_flowing(
         rig: Rig, servers: Servers) -> None:
     server = servers.make()
@@ -261,8 +268,9 @@ async def test_malformed_messages_are_dead_lettered_as_invalid_and_mail_keeps_fl
     good = [new_mail([f"ops{i}@example.test"]) for i in range(3)]
     not_mail = ledger.invalid(Message(b'{"v": 1, "hello": "world"}', message_id=f"json-{uuid.uuid4()}",
                                       content_type="application/json"))
-    bad_recipients = ledger.invalid(to_message(new_mail(["x@example.test"]), **{"x-recipients": "not json ["}))
-    bad_attempts = ledger.invalid(to_message(new_mail(["y@example.test"]), **{"x-attempts": "three"}))
+    bad_recipients = ledger.invalid(with_headers(to_message(new_mail(["x@example.test"])),
+                                                 {"x-recipients": "not json ["}))
+    bad_attempts = ledger.invalid(with_headers(to_message(new_mail(["y@example.test"])), {"x-attempts": "three"}))
     reasons = {not_mail.message_id: "not an opsrelay mail", bad_recipients.message_id: "headers are malformed",
                bad_attempts.message_id: "wrong types"}
     watch = Watch(engine, config, ledger, servers.received)

@@ -2,7 +2,7 @@
 
 Half the writers go through ``SqliteEngine.send(outbound, to_message(OutboundMail(...)))`` (as every
 engine user does); the other half write rows as ``opsrelay-sendmail`` does on the
-embedded engine (``relay.sendmail.write_sqlite`` then ``poke``), so both writers of the file contend
+embedded engine (``relay.sendmail.outbound.write_row`` then ``sqlite_wake.poke``), so both writers of the file contend
 for its lock. The relay is ``serve_forever`` on the test's loop with a RecordingMailer. Every mail
 must be sent exactly once (reconciled by its Message-ID) and the file must end with no row at all,
 ready or leased.
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config
-from relay.daemon import serve_forever
-from relay.smtp import RecordingMailer
-from relay.topology import dead_queue, outbound_queue
+from relay.config.models import Config
+from relay.contract.names import dead_queue, outbound_queue
+from relay.daemon.serve import serve_forever
+from tests.doubles import RecordingMailer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -39,9 +39,12 @@ ROOT = Path(__file__).resolve().parents[2]
 WRITER = r"""
 import asyncio, sys
 from relay.engines.sqlite import SqliteEngine
-from relay.mail import OutboundMail, to_message
-from relay.sendmail import outbound_headers, poke, write_sqlite
-from relay.topology import full_topology, outbound_queue
+from relay.contract.mail import OutboundMail, to_message
+from relay.contract.envelope import mail_headers
+from relay.engines.sqlite_wake import poke
+from relay.sendmail.outbound import write_row
+from relay.contract.topology import full_topology
+from relay.contract.names import outbound_queue
 
 path, prefix, writer, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 queue = outbound_queue(prefix)
@@ -66,11 +69,11 @@ async def via_engine():
 def via_sendmail():
     print("ready", flush=True)
     sys.stdin.readline()
-    headers = outbound_headers(sender, rcpts)
+    headers = mail_headers(sender, rcpts, origin="sendmail")
     for i in range(count):
         mail_id = f"w{writer}-{i}"
-        write_sqlite(path, queue, raw(mail_id), mail_id, headers, 15.0)
-        poke(path, queue)
+        write_row(path, queue, raw(mail_id), mail_id, headers, 15.0)
+        poke(path, [queue])
 
 if writer % 2:
     via_sendmail()

@@ -20,18 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from relay.engines.base import Delivery, Engine, HeaderValue, Message
+from relay.contract.message import HeaderValue, Message
+from relay.contract.names import events_exchange, unrouted_queue
+from relay.contract.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology, event_topology
+from relay.engines.base import Delivery, Engine
 from relay.errors import BrokerUnavailable, ConfigurationError
-from relay.topology import (
-    BindingSpec,
-    ExchangeKind,
-    ExchangeSpec,
-    QueueSpec,
-    Topology,
-    event_topology,
-    events_exchange,
-    unrouted_queue,
-)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import pytest
 
 from listeners.enrich import Call, Deadline, Enricher, Fault, SupervisorRpc, SupervisorUnreachable
-from relay.event import Event, decode_event
+from relay.contract.event import Event, decode_event
 
 pytestmark = [pytest.mark.supervisord, pytest.mark.timeout(60)]
 
@@ -57,8 +57,8 @@ LISTENER = textwrap.dedent("""\
     import os, sys
     from listeners.enrich import make_enricher
     from listeners.eventlistener import run, text_streams
-    from relay.config import load_config
-    from relay.event import encode_event
+    from relay.config.models import load_config
+    from relay.contract.event import encode_event
 
     class FilePublisher:
         def __init__(self, path):

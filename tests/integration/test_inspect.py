@@ -1,8 +1,8 @@
-"""relay.inspect on both engines: queue counts and held mail, browsing in place, dead letters
+"""relay.ops on both engines: queue counts and held mail, browsing in place, dead letters
 (list, show, replay, purge) made by the real relay from a 550 refusal, and unrouted replay.
 
 Dead letters come from :class:`relay.daemon.Relay` handling real outbound messages with a
-:class:`relay.smtp.RecordingMailer` that refuses or fails as scripted; the amqp case needs a
+:class:`relay.delivery.smtp.RecordingMailer` that refuses or fails as scripted; the amqp case needs a
 RabbitMQ (see tests/conftest.py) and deletes what it declared afterwards.
 """
 
@@ -17,26 +17,12 @@ from typing import Any
 
 import pytest
 
-from relay.config import Config
-from relay.daemon import Relay, dead_letter, relay_topology
-from relay.engines.base import Engine, Message, open_engine
-from relay.errors import SMTPSecurityError, SMTPTemporaryError
-from relay.event import CONTENT_TYPE, Event, encode_event
-from relay.inspect import (
-    DeadEntry,
-    browse,
-    list_dead,
-    purge,
-    queue_stats,
-    replay,
-    replay_unrouted,
-    show_dead,
-)
-from relay.mail import OutboundMail, build_message, from_message, to_message
-from relay.routing import event_key
-from relay.smtp import RecordingMailer
-from relay.topology import (
-    Topology,
+from relay.config.models import Config
+from relay.contract.event import CONTENT_TYPE, Event, encode_event
+from relay.contract.keys import event_key
+from relay.contract.mail import OutboundMail, dead_letter, from_message, to_message
+from relay.contract.message import Message
+from relay.contract.names import (
     dead_queue,
     events_exchange,
     outbound_queue,
@@ -44,6 +30,17 @@ from relay.topology import (
     subscription_queue,
     unrouted_queue,
 )
+from relay.contract.topology import Topology
+from relay.daemon.relay import Relay, relay_topology
+from relay.engines import open_engine
+from relay.engines.base import Engine
+from relay.errors import SMTPSecurityError, SMTPTemporaryError
+from relay.ops.browse import browse
+from relay.ops.dlq import DeadEntry, list_dead, purge, replay, show_dead
+from relay.ops.stats import queue_stats
+from relay.ops.unrouted import replay_unrouted
+from relay.render.mime import build_message
+from tests.doubles import RecordingMailer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,9 +23,9 @@ from types import TracebackType
 import pytest
 
 from listeners.publish import EnginePublisher
+from relay.contract.event import Event
+from relay.contract.names import unrouted_queue
 from relay.errors import RelayError
-from relay.event import Event
-from relay.topology import unrouted_queue
 from tests.integration.faults import (
     Broker,
     Ledger,
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.timeout(90)
 
 OPSRELAY = Path(sys.executable).parent / "opsrelay"
 POOL_SIZE = 2
-# The relay's outbound consumer (relay/daemon.py): pool_size deliveries at once, prefetch twice that.
+# The relay's outbound consumer (relay/daemon/relay.py): pool_size deliveries at once, prefetch twice that.
 # A mail can be sent and not yet acked only inside this window.
 IN_FLIGHT_WINDOW = POOL_SIZE + 2 * POOL_SIZE
 

@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config
-from relay.daemon import Relay
+from relay.config.models import Config
+from relay.contract.mail import OutboundMail, to_message
+from relay.contract.message import Message
+from relay.contract.names import dead_queue, outbound_queue, unrouted_queue
+from relay.contract.topology import event_topology
+from relay.daemon.relay import Relay
+from relay.delivery.outcome import SendResult
+from relay.engines import open_engine
 from relay.engines.amqp import AmqpEngine
-from relay.engines.base import Message, open_engine
-from relay.mail import OutboundMail, build_message, to_message
-from relay.smtp import RecordingMailer, SendResult
-from relay.topology import dead_queue, event_topology, outbound_queue, unrouted_queue
+from relay.render.mime import build_message
+from tests.doubles import RecordingMailer
 
 
 class BuggyMailer(RecordingMailer):

@@ -12,22 +12,14 @@ from dataclasses import dataclass
 import aio_pika
 import pytest
 
-from relay.config import Config
-from relay.daemon import relay_topology
+from relay.config.models import Config
+from relay.contract.event import CONTENT_TYPE, Event, decode_event, encode_event
+from relay.contract.keys import event_key, topic_matches
+from relay.contract.message import Message
+from relay.contract.names import events_exchange, subscription_queue, unrouted_queue
+from relay.contract.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology
+from relay.daemon.relay import relay_topology
 from relay.engines.amqp import AmqpEngine
-from relay.engines.base import Message
-from relay.event import CONTENT_TYPE, Event, decode_event, encode_event
-from relay.routing import event_key, topic_matches
-from relay.topology import (
-    BindingSpec,
-    ExchangeKind,
-    ExchangeSpec,
-    QueueSpec,
-    Topology,
-    events_exchange,
-    subscription_queue,
-    unrouted_queue,
-)
 from tests.unit.test_routing import TOPIC_CASES
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(30)]

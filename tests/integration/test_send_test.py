@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from relay.cli import app
+from relay.cli.app import app
 from tests.integration.faults import Broker, relay_settings, running_relay, to_config, wait_until, write_toml
 from tests.smtp_server import DEFAULT_PASSWORD, SmtpServer
 

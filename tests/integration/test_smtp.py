@@ -1,4 +1,4 @@
-"""relay.smtp against a real SMTP server (aiosmtpd, trustme TLS, AUTH) on 127.0.0.1."""
+"""relay.delivery.smtp against a real SMTP server (aiosmtpd, trustme TLS, AUTH) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import aiosmtplib
 import pytest
 import trustme
 
-from relay.config import SmtpConfig
+from relay.config.models import SmtpConfig
+from relay.delivery.outcome import Reply, SendResult
+from relay.delivery.smtp import SmtpPool, translate_error
 from relay.errors import (
     RelayError,
     SMTPConnectError,
@@ -25,7 +27,6 @@ from relay.errors import (
     SMTPTemporaryError,
     SMTPTimeoutError,
 )
-from relay.smtp import Reply, SendResult, SmtpPool, translate_error
 from tests.smtp_server import DEFAULT_PASSWORD, SmtpServer, TlsMode, free_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -175,7 +176,7 @@ async def test_pool_bounds_concurrent_connections(server: SmtpServer, make_pool:
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced(
         server: SmtpServer, make_pool: PoolFactory, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="relay.smtp")
+    caplog.set_level(logging.DEBUG, logger="relay.delivery.smtp")
     pool = make_pool(server)
     await pool.send(SENDER, ["first@example.test"], RAW)
     server.drop_connections()  # blocks our loop: the client finds out only when it writes

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.engines.base import Message
+from relay.contract.message import Message
+from relay.contract.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology
 from relay.engines.sqlite import SqliteEngine, db_path
 from relay.errors import BrokerUnavailable, ConfigError, ConfigurationError
-from relay.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,7 +53,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "hol
 
 PUBLISHER = """
 import asyncio, hashlib, sys
-from relay.engines.base import Message
+from relay.contract.message import Message
 from relay.engines.sqlite import SqliteEngine
 
 def body(n):

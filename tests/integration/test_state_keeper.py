@@ -7,11 +7,12 @@ import contextlib
 
 import pytest
 
-from relay.engines.base import Engine, Message
-from relay.event import Event
-from relay.notify_state import Outage, Pending, State
-from relay.state_keeper import StateKeeper
-from relay.topology import QueueSpec, Topology
+from relay.contract.event import Event
+from relay.contract.message import Message
+from relay.contract.topology import QueueSpec, Topology
+from relay.engines.base import Engine
+from relay.notify.keeper import StateKeeper
+from relay.notify.state import Outage, Pending, State
 from tests.integration.test_engine_contract import Broker, settled_depth
 
 pytestmark = pytest.mark.timeout(60)

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from listeners.publish import event_message
-from relay.config import Config
-from relay.daemon import Relay
-from relay.engines.base import Engine, Message
+from relay.config.models import Config
+from relay.contract.event import Event, event_message
+from relay.contract.message import Message
+from relay.contract.names import dead_queue, events_exchange, outbound_queue, subscription_queue
+from relay.daemon.relay import Relay
+from relay.engines.base import Engine
 from relay.errors import BrokerUnavailable
-from relay.event import Event
-from relay.smtp import RecordingMailer
-from relay.topology import dead_queue, events_exchange, outbound_queue, subscription_queue
+from tests.doubles import RecordingMailer
 from tests.integration.test_engine_contract import Broker
 
 pytestmark = pytest.mark.timeout(60)

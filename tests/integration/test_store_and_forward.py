@@ -23,12 +23,13 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from listeners.publish import make_publisher
+from listeners.factory import make_publisher
 from listeners.spool import SpoolingPublisher
-from relay.config import BrokerConfig, Config
+from relay.config.models import BrokerConfig, Config
+from relay.contract.event import Event, decode_event
+from relay.contract.names import events_exchange
+from relay.contract.topology import BindingSpec, QueueSpec, Topology, event_topology
 from relay.engines.amqp import AmqpEngine
-from relay.event import Event, decode_event
-from relay.topology import BindingSpec, QueueSpec, Topology, event_topology, events_exchange
 from tests.e2e.harness import Program, Supervisor, wait_for
 from tests.smtp_server import SmtpServer
 

@@ -1,4 +1,4 @@
-"""Topic matching: RabbitMQ is the oracle for ``relay.routing.topic_matches`` and the embedded engine.
+"""Topic matching: RabbitMQ is the oracle for ``relay.contract.keys.topic_matches`` and the embedded engine.
 
 Hypothesis draws binding patterns over the words ``"" a b * #`` and routing keys over ``"" a b``
 (0-5 words each, so empty words, leading/trailing dots and repeated ``#`` all occur). Each example
@@ -27,11 +27,12 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from relay.contract.keys import topic_matches
+from relay.contract.message import Message
+from relay.contract.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology
 from relay.engines.amqp import AmqpEngine
-from relay.engines.base import Engine, Message
+from relay.engines.base import Engine
 from relay.engines.sqlite import SqliteEngine
-from relay.routing import topic_matches
-from relay.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology
 from tests.conftest import AMQP_URL, rabbitmq_reachable
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(90)]

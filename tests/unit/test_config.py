@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from relay import config as config_module
-from relay.config import Config, Security, Subscription, find_config, load_config
-from relay.durations import format_duration, parse_duration
+from relay.config import loader as config_module
+from relay.config.loader import find_config
+from relay.config.models import Config, Security, Subscription, load_config
 from relay.errors import ConfigError
+from relay.timing import format_duration, parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config" / "opsrelay.toml"
@@ -68,13 +69,13 @@ def test_search_path_order_is_the_documented_one() -> None:
 
 def test_explicit_path_wins_over_everything(places: dict[str, Path]) -> None:
     env = {"OPSRELAY_CONFIG": str(places["env"])}
-    assert find_config(places["explicit"], env) == places["explicit"]
+    assert find_config(places["explicit"], env) == str(places["explicit"])
     assert load_config(places["explicit"], env=env).host == "explicit"
 
 
 def test_env_variable_wins_over_search_path(places: dict[str, Path]) -> None:
     env = {"OPSRELAY_CONFIG": str(places["env"])}
-    assert find_config(None, env) == places["env"]
+    assert find_config(None, env) == str(places["env"])
     assert load_config(None, env=env).host == "env"
 
 
@@ -83,13 +84,13 @@ def test_empty_env_variable_is_ignored(places: dict[str, Path]) -> None:
 
 
 def test_working_directory_wins_over_home(places: dict[str, Path]) -> None:
-    assert find_config(None, {}) == Path("./opsrelay.toml")
+    assert find_config(None, {}) == "./opsrelay.toml"
     assert load_config(None, env={}).host == "cwd"
 
 
 def test_home_config_when_working_directory_has_none(places: dict[str, Path]) -> None:
     places["cwd"].unlink()
-    assert find_config(None, {}) == places["home"]
+    assert find_config(None, {}) == str(places["home"])
     assert load_config(None, env={}).host == "home"
 
 
@@ -233,11 +234,11 @@ def test_password_and_password_file_together(tmp_path: Path) -> None:
         ('[[subscriptions]]\nname = "a"\nto = ["a@example.com\\r\\nBcc: x@evil.test"]\n', "to", "not a mail address"),
         ('[aliases]\nroot = "nobody"\n', "aliases.root", "not a mail address"),
         (SUBSCRIPTION + 'states = ["FATAL", "CRASHED"]\n', "states", "unknown state 'CRASHED'"),
-        ('[[subscriptions]]\nname = "bad name"\nto = ["a@example.com"]\n', "name", "pattern"),
+        ('[[subscriptions]]\nname = "bad name"\nto = ["a@example.com"]\n', "name", "letters, digits"),
         (SUBSCRIPTION + SUBSCRIPTION, "subscriptions", "'crashes' is used twice"),
         ('[broker]\nurl = "redis://localhost/"\n', "broker.url", "amqp://"),
         ('[broker]\nurl = "sqlite:///relative/queue.db"\n', "broker.url", "absolute path"),
-        ('[broker]\nprefix = "ops.relay"\n', "broker.prefix", "pattern"),
+        ('[broker]\nprefix = "ops.relay"\n', "broker.prefix", "letters, digits"),
         ('[smtp]\ntimeout = "5 minutes"\n', "smtp.timeout", "'5 minutes' is not a duration"),
         ('[retry]\nbackoff = []\n', "retry.backoff", "at least 1"),
         ('[retry]\nbackoff = ["0s"]\n', "retry.backoff", "at least 1ms"),

@@ -41,9 +41,8 @@ from supervisor.states import ProcessStates
 from typer.testing import CliRunner
 
 from listeners.eventlistener import run
-from relay.cli import app
-from relay.config import Config, Security, load_config
-from relay.crashmail import (
+from relay.cli.app import app
+from relay.config.crashmail import (
     NAME,
     CrashmailFlags,
     FlagError,
@@ -51,10 +50,11 @@ from relay.crashmail import (
     crashmail_subscription,
     local_mta_env,
 )
+from relay.config.models import Config, Security, load_config
+from relay.contract.event import Event
+from relay.contract.keys import event_key, topic_matches
 from relay.errors import ConfigError
-from relay.event import Event
-from relay.render import Renderer
-from relay.routing import event_key, topic_matches
+from relay.render.renderer import Renderer
 
 HOST = "web1"
 EMAIL = "chrism@plope.com"  # superlance's tests mail here

@@ -6,18 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.config import RetryConfig, SmtpConfig
-from relay.delivery import (
-    DeadLetter,
-    Decision,
-    Delivered,
-    Hold,
-    ReplyClass,
-    Retry,
-    backoff,
-    classify,
-    decide,
-)
+from relay.config.models import RetryConfig, SmtpConfig
+from relay.delivery.outcome import Mailer, Reply, SendResult
+from relay.delivery.plan import DeadLetter, Decision, Delivered, Hold, ReplyClass, Retry, backoff, classify, decide
+from relay.delivery.smtp import SmtpPool
 from relay.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -30,7 +22,7 @@ from relay.errors import (
     SMTPTemporaryError,
     SMTPTimeoutError,
 )
-from relay.smtp import Mailer, RecordingMailer, Reply, SendResult, SmtpPool
+from tests.doubles import RecordingMailer
 
 STEPS = (30.0, 120.0, 600.0)
 RETRY = RetryConfig(max_attempts=3, backoff=STEPS)

@@ -42,8 +42,8 @@ from listeners.enrich import (
 )
 from listeners.eventlistener import run
 from listeners.supervisor_rpc import SupervisorTimeout
-from relay.config import Config
-from relay.event import Event, decode_event, encode_event
+from relay.config.models import Config
+from relay.contract.event import Event, decode_event, encode_event
 
 AT = "2026-11-27T10:00:00.123456Z"
 MID_CHARACTER = Fault(30, "FAILED: <class 'UnicodeDecodeError'>:'utf-8' codec can't decode byte 0xa9 in "

@@ -17,10 +17,20 @@ from supervisor import events
 from supervisor.process import EventListenerPool
 from supervisor.states import ProcessStates
 
-from listeners.eventlistener import Ignore, Malformed, Publish, decide, retry_pause, run, text_streams
+from listeners.eventlistener import (
+    FAIL_PAUSE_CAP,
+    FAIL_PAUSE_FIRST,
+    Ignore,
+    Malformed,
+    Publish,
+    decide,
+    run,
+    text_streams,
+)
 from listeners.protocol import Header
+from relay.contract.event import Event
 from relay.errors import BrokerUnavailable
-from relay.event import Event
+from relay.timing import doubling
 
 LOGGER = "opsrelay.listener"
 
@@ -341,6 +351,10 @@ def test_decide() -> None:
     assert decide(header("TICK_60"), "when:1", host="h") == Ignore("TICK_60")
     bad = decide(header("PROCESS_STATE_FATAL"), "groupname:g", host="h")
     assert isinstance(bad, Malformed) and "processname" in bad.reason
+
+
+def retry_pause(failures: int) -> float:
+    return doubling(failures, first=FAIL_PAUSE_FIRST, cap=FAIL_PAUSE_CAP)
 
 
 def test_retry_pause_doubles_up_to_a_cap() -> None:

@@ -10,9 +10,10 @@ from email.message import EmailMessage
 
 import pytest
 
-from relay.engines.base import HeaderValue, Message
+from relay.contract.mail import CONTENT_TYPE, Attempt, OutboundMail, from_message, to_message
+from relay.contract.message import HeaderValue, Message
 from relay.errors import MessageDecodeError
-from relay.mail import CONTENT_TYPE, Attempt, OutboundMail, build_message, clean_header, from_message, to_message
+from relay.render.mime import build_message, clean_header
 
 RAW = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nbody\r\n"
 
@@ -49,7 +50,7 @@ def test_round_trip_of_a_fresh_mail() -> None:
 
 def test_round_trip_with_headers_as_strings_like_amqp_returns_them() -> None:
     # aio-pika hands back str/int headers; the extra header rides along untouched.
-    message = to_message(sample(), **{"x-held": "AUTH rejected"})
+    message = to_message(sample(), held="AUTH rejected")
     assert message.headers["x-held"] == "AUTH rejected"
     assert from_message(Message(message.body, message.message_id, message.content_type,
                                 dict(message.headers))) == sample()

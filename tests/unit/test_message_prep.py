@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.addresses import (
+from relay.sendmail.addresses import (
     AddressError,
     check_mailbox,
     envelope_sender,
@@ -23,7 +23,7 @@ from relay.addresses import (
     qualify,
     resolve_recipient,
 )
-from relay.message_prep import (
+from relay.sendmail.prep import (
     MessageError,
     TooLarge,
     format_date,

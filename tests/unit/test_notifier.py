@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from relay.config import Subscription
-from relay.event import Event
-from relay.notice import NoticeKind, event_mail_id, message_id_header
-from relay.notifier import HOUR, Notifier
-from relay.notify_state import MAX_LISTED, State
+from relay.config.models import Subscription
+from relay.contract.event import Event
+from relay.notify.notice import NoticeKind, event_mail_id, message_id_header
+from relay.notify.notifier import HOUR, Notifier
+from relay.notify.state import MAX_LISTED, State
 
 _serial = itertools.count()
 

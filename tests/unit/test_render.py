@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from relay.config import Config, Subscription
+from relay.config.models import Config, Subscription
+from relay.contract.event import Event, decode_event, encode_event
+from relay.contract.mail import OutboundMail
 from relay.errors import ConfigError, MessageDecodeError
-from relay.event import Event, decode_event, encode_event
-from relay.mail import OutboundMail
-from relay.render import Renderer, default_sender
-from relay.render_context import event_context
+from relay.render.context import event_context
+from relay.render.renderer import Renderer, default_sender
 
 EXPECTED_HEADERS = {
     "from", "to", "subject", "date", "message-id", "auto-submitted", "x-opsrelay-event",

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from relay.config import Config
+from relay.config.models import Config
+from relay.contract.event import Event
+from relay.contract.mail import OutboundMail
 from relay.errors import ConfigError, MessageDecodeError, PermanentError
-from relay.event import Event
-from relay.mail import OutboundMail
-from relay.notice import Notice, NoticeKind, event_mail_id, mail_id, message_id_header
-from relay.render import Renderer
-from relay.render_context import format_duration, notice_context, ordinal, sample_notice, trim_log
+from relay.notify.notice import Notice, NoticeKind, event_mail_id, mail_id, message_id_header
+from relay.render.context import format_duration, notice_context, ordinal, sample_notice, trim_log
+from relay.render.renderer import Renderer
 
 THREAD = "<first-crash@opsrelay.relayhost>"
 
@@ -386,7 +386,7 @@ def test_digest_labels_follow_group_by() -> None:
 
 
 def test_template_error_names_the_file_the_config_came_from(tmp_path: Any) -> None:
-    from relay.config import load_config
+    from relay.config.models import load_config
 
     path = tmp_path / "opsrelay.toml"
     path.write_text('[[subscriptions]]\nname = "pager"\nto = ["a@example.com"]\n'
@@ -397,12 +397,12 @@ def test_template_error_names_the_file_the_config_came_from(tmp_path: Any) -> No
 
 
 def test_every_variable_the_docstring_promises_is_there() -> None:
-    import relay.render_context
+    import relay.render.context
 
     config = make_config()
     context = notice_context(sample_notice(NoticeKind.DIGEST, config.subscriptions[0]), config.subscriptions[0],
                              config)
-    doc = relay.render_context.__doc__ or ""
+    doc = relay.render.context.__doc__ or ""
     documented = {word.strip("`") for word in doc.replace(",", " ").replace("(", " ").split()
                   if word.startswith("``") and word.endswith("``")}
     assert set(context) - {"v"} <= documented | {"v"}, set(context) - documented

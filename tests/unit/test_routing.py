@@ -1,4 +1,4 @@
-"""relay.routing: routing-key words, AMQP topic matching, selectors and their residual filter."""
+"""relay.contract.keys: routing-key words, AMQP topic matching, selectors and their residual filter."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from relay.config import Subscription
-from relay.event import STATES, Event
-from relay.routing import (
+from relay.config.models import Subscription
+from relay.contract.event import STATES, Event
+from relay.contract.keys import (
     MAX_WORD,
     KeyFields,
-    Selector,
     decode_word,
     encode_word,
     event_key,
@@ -20,6 +19,7 @@ from relay.routing import (
     supervisor_key,
     topic_matches,
 )
+from relay.notify.selector import Selector
 
 # -- words ---------------------------------------------------------------------------------
 

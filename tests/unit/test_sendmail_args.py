@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.sendmail_args import LIST_QUEUE, SEND, Invocation, UsageError, parse_argv
+from relay.sendmail.args import LIST_QUEUE, SEND, Invocation, UsageError, parse_argv
 
 
 def parse(*argv: str, prog: str = "sendmail") -> Invocation:
@@ -71,7 +71,7 @@ def test_options_may_follow_recipients_until_double_dash() -> None:
 
 
 def test_recipient_words_are_kept_as_given() -> None:
-    # Address lists in one word are parsed later (relay.addresses), with their quotes and names.
+    # Address lists in one word are parsed later (relay.sendmail.addresses), with their quotes and names.
     assert parse('"Ops, Team" <ops@example.com>, root').recipients == ('"Ops, Team" <ops@example.com>, root',)
 
 

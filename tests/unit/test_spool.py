@@ -23,14 +23,15 @@ from pathlib import Path
 import pytest
 
 from listeners.eventlistener import run
-from listeners.publish import EnginePublisher, make_publisher
+from listeners.factory import make_publisher
+from listeners.publish import EnginePublisher
 from listeners.spool import Spool, SpoolingPublisher
-from relay.config import BrokerConfig, Config
-from relay.engines.base import Message
+from relay.config.models import BrokerConfig, Config
+from relay.contract.event import Event, decode_event
+from relay.contract.keys import event_key
+from relay.contract.message import Message
+from relay.contract.names import spool_name
 from relay.errors import BrokerUnavailable, RelayError
-from relay.event import Event, decode_event
-from relay.routing import event_key
-from relay.topology import spool_name
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -231,7 +232,7 @@ CHILD = textwrap.dedent("""
     import sys, time
     from listeners.spool import Spool, SpoolingPublisher
     from relay.errors import BrokerUnavailable
-    from relay.event import Event
+    from relay.contract.event import Event
 
     class Broker:
         up = False

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import fastconfig, ssmtp
-from relay.config import Security, SendmailMode, load_config, ssmtp_notes
+from relay.config import fast as fastconfig
+from relay.config import ssmtp
+from relay.config.models import Security, SendmailMode, load_config, ssmtp_notes
 from relay.errors import ConfigError
 
 # /etc/ssmtp/ssmtp.conf as Debian's ssmtp 2.64 postinst writes it (debconf defaults; hostname is the host's).

@@ -10,8 +10,8 @@ from supervisor import events
 from supervisor.states import ProcessStates
 
 from listeners.supervisor import event_from_payload, handles
+from relay.contract.event import STATES, decode_event, encode_event
 from relay.errors import ProtocolError
-from relay.event import STATES, decode_event, encode_event
 
 AT = "2026-11-27T10:00:00.123456Z"
 
@@ -194,7 +194,7 @@ def test_supervisord_lifecycle_events(event_cls: type, state: str) -> None:
 
 
 def test_supervisord_lifecycle_events_are_published_under_sup() -> None:
-    from listeners.publish import event_message
+    from relay.contract.event import event_message
 
     running = event_from_payload("SUPERVISOR_STATE_CHANGE_RUNNING", "", host="db.main")
     assert running is not None

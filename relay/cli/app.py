@@ -1,0 +1,275 @@
+"""The ``opsrelay`` command line (typer). Each command imports what it needs inside itself,
+so ``opsrelay listen`` never pays for aiosmtplib or Jinja2. The queue, dead-letter and
+unrouted commands are in :mod:`relay.cli.queues`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from relay.cli import queues
+from relay.cli.common import (
+    EX_CONFIG,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    ConfigOption,
+    JsonOption,
+    app,
+    config_or_exit,
+    fail,
+    setup_logging,
+)
+from relay.config.models import Config, load_config
+from relay.errors import ConfigurationError, RelayError
+
+__all__ = ["app", "main", "queues"]
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def listen(config: ConfigOption = None,
+           verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+           program: Annotated[list[str] | None, typer.Option(
+               "--program", "-p", help="crashmail: mail when this process (NAME or GROUP:NAME) exits "
+                                       "unexpectedly; repeatable")] = None,
+           any_program: Annotated[bool, typer.Option(
+               "--any", "-a", help="crashmail: mail when any process exits unexpectedly (overrides -p)")] = False,
+           email: Annotated[str | None, typer.Option(
+               "--email", "-m", help="crashmail: mail here; this listener then also runs the relay")] = None,
+           optionalheader: Annotated[str | None, typer.Option(
+               "--optionalheader", "-o", help="crashmail: subject prefix, 'PREFIX: NAME crashed at TIME'")] = None,
+           sendmail_program: Annotated[str | None, typer.Option(
+               "--sendmail_program", "-s", help="crashmail: not run; its -f sender is kept")] = None,
+           ignored: Annotated[list[str] | None, typer.Argument(hidden=True, metavar="URL")] = None) -> None:
+    """The supervisord eventlistener: PROCESS_STATE events to the events exchange.
+
+    It also takes superlance crashmail's flags, so `crashmail -a -m ADDR` becomes
+    `opsrelay listen -a -m ADDR`: with -m the listener runs the relay for that mail itself.
+    """
+    from contextlib import AbstractContextManager, nullcontext
+
+    from listeners.enrich import make_enricher
+    from listeners.eventlistener import run, text_streams
+    from listeners.factory import make_publisher
+    from relay.config.crashmail import CrashmailFlags, FlagError, config_with_crashmail, local_mta_env
+    from relay.config.loader import find_config
+
+    try:
+        flags = CrashmailFlags.parse(programs=program or (), any_program=any_program, email=email,
+                                     optional_header=optionalheader, sendmail=sendmail_program, ignored=ignored or ())
+    except FlagError as exc:
+        fail(str(exc), EX_USAGE)
+    setup_logging(verbose)
+    # crashmail used the host's sendmail: with -m and no config file, the local MTA on port 25.
+    env = local_mta_env(os.environ) if flags.mails and find_config(config) is None else None
+    try:
+        cfg = config_with_crashmail(load_config(config, env), flags)
+    except ConfigurationError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+    for note in flags.notes():
+        logging.getLogger("opsrelay.listener").warning("%s", note)
+    # UTF-8 whatever the locale, newlines untouched: supervisord's len: counts characters.
+    stdin, stdout = text_streams(sys.stdin.buffer, sys.stdout.buffer)
+    try:
+        publisher = make_publisher(cfg)
+    except ConfigurationError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+    hosting: AbstractContextManager[object] = nullcontext()
+    if flags.mails:
+        from relay.daemon.hosted import hosted_relay
+
+        hosting = hosted_relay(cfg)
+    code = EX_OK
+    try:
+        with hosting:
+            code = run(stdin, stdout, publisher, host=cfg.host, enrich=make_enricher(cfg, os.environ))
+    except ConfigurationError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+    except RelayError as exc:
+        fail(f"crashmail relay: {exc}", EX_TEMPFAIL)
+    finally:
+        publisher.close()
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(config: ConfigOption = None,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """The relay daemon: subscriptions -> mail -> delivery, with retries and dead letters."""
+    cfg = config_or_exit(config)
+    setup_logging(verbose)
+    from relay.daemon.serve import serve_forever
+    from relay.delivery.smtp import SmtpPool
+    from relay.render.renderer import Renderer
+
+    try:
+        renderer = Renderer(cfg)
+    except ConfigurationError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        mailer = SmtpPool(cfg.smtp)
+        try:
+            await serve_forever(cfg, mailer, stop, renderer=renderer)
+        finally:
+            await mailer.close()
+
+    try:
+        asyncio.run(main())
+    except ConfigurationError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+    logging.getLogger("opsrelay.relay").info("relay: stopped")
+
+
+@app.command()
+def check(config: ConfigOption = None,
+          connect: Annotated[bool, typer.Option("--connect", help="also reach the broker and the SMTP server")] = False,
+          as_json: JsonOption = False) -> None:
+    """Validate the config; with --connect reach the broker and the smarthost (EHLO, TLS, AUTH, no mail)."""
+    from relay.contract.urls import mask_url
+    from relay.render.renderer import Renderer
+
+    cfg = config_or_exit(config)
+    try:
+        Renderer(cfg)
+    except ConfigurationError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+    report: dict[str, Any] = {
+        "host": cfg.host,
+        "broker": mask_url(cfg.broker.url),
+        "smtp": f"{cfg.smtp.host}:{cfg.smtp.effective_port} ({cfg.smtp.security.value}, "
+                f"{'AUTH as ' + cfg.smtp.username if cfg.smtp.username else 'no AUTH'})",
+        "subscriptions": {s.name: {"to": list(s.to), "bindings": list(s.bindings())} for s in cfg.subscriptions},
+    }
+    if cfg.smtp.ssmtp_conf is not None:
+        from relay.config.models import ssmtp_notes
+
+        report["ssmtp"] = ssmtp_notes(config)
+    failed = False
+    if connect:
+        report["connect"], failed = asyncio.run(_probe(cfg))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(f"config ok: host {report['host']}, broker {report['broker']}, smtp {report['smtp']}")
+        for name, sub in report["subscriptions"].items():
+            typer.echo(f"  subscription {name} -> {', '.join(sub['to'])}: {' '.join(sub['bindings'])}")
+        for note in report.get("ssmtp", []):
+            typer.echo(f"  from {cfg.smtp.ssmtp_conf}: {note}")
+        for part, result in report.get("connect", {}).items():
+            typer.echo(f"  {part}: {result}")
+    if failed:
+        raise typer.Exit(EX_UNAVAILABLE)
+
+
+async def _probe(cfg: Config) -> tuple[dict[str, str], bool]:
+    from relay.delivery.smtp import SmtpPool
+    from relay.engines import open_engine
+
+    results: dict[str, str] = {}
+    failed = False
+    engine = open_engine(cfg.broker.url, confirm_timeout=cfg.broker.confirm_timeout)
+    try:
+        await engine.connect()
+        results["broker"] = "ok"
+    except RelayError as exc:
+        results["broker"], failed = f"FAILED: {exc}", True
+    finally:
+        await engine.close()
+    pool = SmtpPool(cfg.smtp)
+    try:
+        info = await pool.check()
+        results["smtp"] = (f"ok: {info.host}:{info.port}, tls={'yes' if info.tls else 'no'}, "
+                           f"auth={'yes' if info.authenticated else 'no'}")
+    except RelayError as exc:
+        results["smtp"], failed = f"FAILED: {exc}", True
+    finally:
+        await pool.close()
+    return results, failed
+
+
+@app.command()
+def routes(key: Annotated[str, typer.Argument(help="a routing key, e.g. proc.web1.workers.worker_03.FATAL")],
+           config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Which subscriptions a routing key reaches (bindings, then the residual filter)."""
+    from relay.contract.keys import key_fields, topic_matches
+
+    cfg = config_or_exit(config)
+    fields = key_fields(key)
+    reached: list[dict[str, Any]] = []
+    for sub in cfg.subscriptions:
+        bound = [p for p in sub.bindings() if topic_matches(p, key)]
+        accepted = bool(bound) and (fields is None or sub.accepts(fields))
+        # A RUNNING it does not mail about may still end an outage (send_resolved).
+        recovery = bool(bound) and not accepted and fields is not None and sub.watches_recovery(fields)
+        reached.append({"subscription": sub.name, "bindings": bound, "reached": accepted or recovery,
+                        "recovery_only": recovery})
+    if as_json:
+        typer.echo(json.dumps(reached, indent=2))
+        return
+    hits = [r for r in reached if r["reached"]]
+    bound = [r["subscription"] for r in reached if r["bindings"]]
+    if not hits and bound:
+        typer.echo(f"{key}: no subscription (bound to {', '.join(bound)} but filtered out there, then dropped)")
+    elif not hits:
+        typer.echo(f"{key}: no subscription (kept in {cfg.broker.prefix}.unrouted)")
+    for r in hits:
+        only = ", recovery notices only" if r["recovery_only"] else ""
+        typer.echo(f"{key} -> {r['subscription']} (binding {r['bindings'][0]}{only})")
+
+
+@app.command("send-test")
+def send_test(address: Annotated[str, typer.Argument(help="where to send the test mail")],
+              config: ConfigOption = None) -> None:
+    """Queue one test mail on outbound: the relay delivers it like any other."""
+    from relay.contract.mail import OutboundMail, to_message
+    from relay.contract.names import outbound_queue
+    from relay.contract.topology import full_topology
+    from relay.engines import open_engine
+    from relay.render.mime import build_message
+    from relay.render.renderer import default_sender
+
+    cfg = config_or_exit(config)
+    sender = default_sender(cfg)
+    raw = build_message(sender=sender, to=[address], subject=f"[opsrelay] test mail from {cfg.host}",
+                        body=f"This is a test mail from opsrelay on {cfg.host}.\n"
+                             "If you can read it, the whole path works.\n")
+    mail = OutboundMail(sender=sender, recipients=(address,), raw=raw, origin="send-test")
+
+    async def enqueue() -> None:
+        async with open_engine(cfg.broker.url, confirm_timeout=cfg.broker.confirm_timeout) as engine:
+            await engine.declare(full_topology(cfg.broker.prefix, [], []))
+            await engine.send(outbound_queue(cfg.broker.prefix), to_message(mail))
+
+    try:
+        asyncio.run(enqueue())
+    except RelayError as exc:
+        fail(f"could not queue the test mail: {exc}", EX_TEMPFAIL)
+    typer.echo(f"queued test mail {mail.message_id} to {address}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False, "help_option_names": []})
+def sendmail(ctx: typer.Context) -> None:
+    """The sendmail front end: sendmail's options (-t -i -f ADDR ...) and recipients; the message on stdin."""
+    from relay.sendmail.main import run
+
+    # sendmail's argv exactly as given: click would swallow "--" and re-read "-f" words.
+    argv = sys.argv[sys.argv.index("sendmail") + 1:] if "sendmail" in sys.argv else ctx.args
+    raise typer.Exit(run(["opsrelay sendmail", *argv], sys.stdin.buffer, sys.stderr))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,234 @@
+"""``opsrelay queue``, ``dlq …`` and ``unrouted …``: what waits where, and the operator's hands on it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from relay.cli.common import (
+    EX_FAILED,
+    EX_USAGE,
+    AllOption,
+    ConfigOption,
+    IdsArgument,
+    JsonOption,
+    app,
+    config_or_exit,
+    echo_json,
+    fail,
+    with_engine,
+)
+
+if TYPE_CHECKING:
+    from relay.engines.base import Engine
+    from relay.ops.dlq import DeadEntry
+    from relay.ops.unrouted import UnroutedReport
+
+__all__ = ["dlq_app", "unrouted_app"]
+
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: mail and events that could not be delivered.")
+unrouted_app = typer.Typer(no_args_is_help=True, help="Events no subscription matched, kept in <prefix>.unrouted.")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(unrouted_app, name="unrouted")
+
+
+
+_ROLES = {"outbound": "ready to deliver", "retry": "waiting to retry", "dead": "dead letters (opsrelay dlq list)",
+          "unrouted": "events no subscription matched (opsrelay unrouted list)", "subscription": "events to render"}
+
+
+@app.command("queue")
+def queue_command(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """What waits in outbound, retry, dead-letter, unrouted and subscription queues; held delivery."""
+    cfg = config_or_exit(config)
+    # The retry steps as the relay names them (one queue per backoff step).
+    from relay.contract.names import outbound_queue
+    from relay.daemon.relay import relay_topology
+    from relay.ops.stats import queue_stats
+
+    outbound = outbound_queue(cfg.broker.prefix)
+    delays = [q.ttl_ms for q in relay_topology(cfg).queues if q.ttl_ms is not None and q.dead_letter_to == outbound]
+    subs = [s.name for s in cfg.subscriptions]
+    stats = with_engine(cfg, lambda engine: queue_stats(engine, cfg.broker.prefix, delays, subs))
+    if as_json:
+        echo_json(stats.to_dict())
+        return
+    faults: dict[str, list[str]] = {}
+    for held in stats.held:
+        faults.setdefault(held.fault, []).append(held.id)
+    for fault, ids in faults.items():
+        typer.echo(f"DELIVERY HELD: {fault} ({len(ids)} mail(s) wait until the smarthost or config is fixed)")
+    width = max(len(q.name) for q in stats.queues)
+    for q in stats.queues:
+        ready = "-" if q.ready is None else str(q.ready)
+        note = "not declared yet" if q.ready is None else _ROLES[q.role]
+        typer.echo(f"{q.name:<{width}}  {ready:>6}  {note}")
+
+
+def _summary_lines(entry: DeadEntry) -> list[str]:
+    who = f"to {', '.join(entry.recipients)}" if entry.recipients else f"from {entry.source or '?'}"
+    attempts = "" if entry.attempts is None else f"  {entry.attempts} attempt(s)"
+    subject = f"  {entry.subject!r}" if entry.subject else ""
+    return [f"{entry.id}  {entry.kind}  {entry.dead_at}{attempts}  {who}{subject}", f"    {entry.reason}"]
+
+
+@dlq_app.command("list")
+def dlq_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Every dead letter, oldest first (left in place)."""
+    cfg = config_or_exit(config)
+    from relay.contract.names import dead_queue
+    from relay.ops.dlq import list_dead
+
+    prefix = cfg.broker.prefix
+    entries = with_engine(cfg, lambda engine: list_dead(engine, prefix))
+    if as_json:
+        echo_json([e.summary(prefix) for e in entries])
+        return
+    typer.echo(f"{len(entries)} dead letter(s) in {dead_queue(prefix)}")
+    for entry in entries:
+        for line in _summary_lines(entry):
+            typer.echo(line)
+
+
+@dlq_app.command("show")
+def dlq_show(dead_id: Annotated[str, typer.Argument(metavar="ID", help="a dead-letter id")],
+             config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """One dead letter in full: why, every attempt, and the message itself."""
+    cfg = config_or_exit(config)
+    from relay.contract.names import dead_queue
+    from relay.ops.dlq import show_dead
+
+    prefix = cfg.broker.prefix
+    entries = with_engine(cfg, lambda engine: show_dead(engine, prefix, dead_id))
+    if not entries:
+        fail(f"no dead letter {dead_id!r} in {dead_queue(prefix)}", EX_FAILED)
+    if as_json:
+        # A list: a mail whose recipients failed at different times died in parts, one id.
+        echo_json([e.detail(prefix) for e in entries])
+        return
+    for n, entry in enumerate(entries):
+        detail = entry.detail(prefix)
+        if n:
+            typer.echo("")
+        for label, key in (("id", "id"), ("kind", "kind"), ("dead at", "dead_at"), ("from queue", "from"),
+                           ("reason", "reason"), ("sender", "sender"), ("subject", "subject")):
+            if detail[key] is not None:
+                typer.echo(f"{label + ':':<12}{detail[key]}")
+        if entry.mail is not None:
+            typer.echo(f"{'recipients:':<12}{', '.join(entry.recipients)}")
+            typer.echo(f"{'attempts:':<12}{entry.attempts} (held {entry.mail.holds} time(s))")
+        why = detail["not_replayable_because"]
+        typer.echo(f"{'replayable:':<12}{'yes' if why is None else 'no: ' + why}")
+        if detail["history"]:
+            typer.echo("history:")
+        for i, attempt in enumerate(detail["history"], 1):
+            typer.echo(f"  {i}. {attempt['at']}  {', '.join(attempt['recipients'])}: {attempt['reply']}")
+        typer.echo("--- message ---")
+        # Mail travels with CRLF line ends (RFC 5322); a terminal wants LF.
+        typer.echo(detail["message"].replace("\r\n", "\n").rstrip("\n"))
+
+
+def _ids_or_all(ids: list[str] | None, every: bool) -> list[str] | None:
+    if bool(ids) == every:
+        fail("give dead-letter IDs or --all (one of them)", EX_USAGE)
+    return None if every else ids
+
+
+@dlq_app.command("replay")
+def dlq_replay(ids: IdsArgument = None, every: AllOption = False, config: ConfigOption = None,
+               as_json: JsonOption = False) -> None:
+    """Send dead letters back: a mail to outbound with fresh attempts, an event to its subscription.
+
+    A replayed letter leaves the dead-letter queue. Exits 1 if a named ID is missing or cannot be replayed.
+    """
+    cfg = config_or_exit(config)
+    from relay.ops.dlq import replay
+
+    chosen = _ids_or_all(ids, every)
+    prefix = cfg.broker.prefix
+    report = with_engine(cfg, lambda engine: replay(engine, prefix, chosen))
+    if as_json:
+        echo_json({"replayed": [{"id": e.id, "kind": e.kind, "to": q} for e, q in report.replayed],
+                    "refused": [{"id": e.id, "kind": e.kind, "reason": why} for e, why in report.refused],
+                    "missing": list(report.missing)})
+    else:
+        for entry, target in report.replayed:
+            typer.echo(f"replayed {entry.id} ({entry.kind}) to {target}")
+        for entry, why in report.refused:
+            typer.echo(f"not replayed {entry.id} ({entry.kind}): {why}")
+        for missing in report.missing:
+            typer.echo(f"no dead letter {missing}")
+        if not (report.replayed or report.refused or report.missing):
+            typer.echo("no dead letters")
+    if report.missing or (chosen is not None and report.refused):
+        raise typer.Exit(EX_FAILED)
+
+
+@dlq_app.command("purge")
+def dlq_purge(ids: IdsArgument = None, every: AllOption = False, config: ConfigOption = None,
+              as_json: JsonOption = False) -> None:
+    """Delete dead letters for good. Exits 1 if one of the IDs is not there."""
+    cfg = config_or_exit(config)
+    from relay.ops.dlq import purge
+
+    chosen = _ids_or_all(ids, every)
+    prefix = cfg.broker.prefix
+    report = with_engine(cfg, lambda engine: purge(engine, prefix, chosen))
+    if as_json:
+        echo_json({"purged": [{"id": e.id, "kind": e.kind} for e in report.purged],
+                    "missing": list(report.missing)})
+    else:
+        for entry in report.purged:
+            typer.echo(f"purged {entry.id} ({entry.kind})")
+        for missing in report.missing:
+            typer.echo(f"no dead letter {missing}")
+        if not (report.purged or report.missing):
+            typer.echo("no dead letters")
+    if report.missing:
+        raise typer.Exit(EX_FAILED)
+
+
+@unrouted_app.command("list")
+def unrouted_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """The events no subscription matched, oldest first (left in place)."""
+    cfg = config_or_exit(config)
+    from relay.contract.names import unrouted_queue
+    from relay.ops.browse import browse
+    from relay.ops.unrouted import unrouted_summary
+
+    queue = unrouted_queue(cfg.broker.prefix)
+    events = [unrouted_summary(m) for m in with_engine(cfg, lambda engine: browse(engine, queue))]
+    if as_json:
+        echo_json(events)
+        return
+    typer.echo(f"{len(events)} event(s) in {queue}")
+    for event in events:
+        typer.echo(f"{event['id']}  {event['key']}  {event.get('event') or event.get('error')}")
+
+
+@unrouted_app.command("replay")
+def unrouted_replay(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Publish the unrouted events again, to reach the subscriptions of this config.
+
+    Declares the config's subscriptions first, as serve does. What still matches nothing stays in unrouted.
+    """
+    cfg = config_or_exit(config)
+    from relay.contract.names import unrouted_queue
+    from relay.daemon.relay import relay_topology
+    from relay.ops.unrouted import replay_unrouted
+
+    async def work(engine: Engine) -> UnroutedReport:
+        await engine.declare(relay_topology(cfg))
+        return await replay_unrouted(engine, cfg.broker.prefix)
+
+    report = with_engine(cfg, work)
+    queue = unrouted_queue(cfg.broker.prefix)
+    if as_json:
+        echo_json({"replayed": report.replayed, "remaining": report.remaining, "keys": dict(report.keys)})
+        return
+    typer.echo(f"replayed {report.replayed} event(s) from {queue}; it now holds {report.remaining} "
+               "(what no subscription matches)")
+
+

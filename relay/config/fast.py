@@ -1,0 +1,97 @@
+"""The keys ``opsrelay-sendmail`` needs, without pydantic (whose import alone costs more than a
+whole submission).
+
+The file is found, read and layered by :mod:`relay.config.loader`, and every value checked by
+:mod:`relay.config.rules`, as for :func:`relay.config.models.load_config`; only the sendmail
+keys are looked at. Keys this view does not use are left for the relay to validate: a
+submission is never refused over a subscription's typo.
+"""
+
+from __future__ import annotations
+
+import os
+
+from relay.config import loader, rules
+from relay.contract.urls import check_broker_url, default_queue_url
+from relay.errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
+__all__ = ["SENDMAIL_MODES", "FastConfig", "load"]
+
+SENDMAIL_MODES = ("queue", "direct")
+DEFAULT_PREFIX = "opsrelay"
+DEFAULT_CONFIRM_TIMEOUT = 2.0
+_SENDMAIL_KEYS = frozenset(("mode", "max_size", "domain", "from_line_override", "senders"))
+
+
+def default_host() -> str:
+    """The short hostname (``host`` when unset)."""
+    return os.uname().nodename.split(".")[0]
+
+
+def check_mode(value: object) -> str:
+    if value not in SENDMAIL_MODES:
+        raise ValueError("must be 'queue' or 'direct'")
+    return str(value)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+class FastConfig:
+    """The sendmail-relevant part of the config, checked by the rules the models use."""
+
+    __slots__ = ("aliases", "busy_timeout", "domain", "from_line_override", "host", "max_size", "mode", "path",
+                 "prefix", "senders", "smtp_from", "url")
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        self.path = path
+        broker, smtp, sendmail = (_table(data, name, path) for name in ("broker", "smtp", "sendmail"))
+        self.host: str = _check(path, "host", data.get("host", default_host()), _text)
+        self.url: str = _check(path, "broker.url", broker.get("url", default_queue_url()), check_broker_url)
+        self.prefix: str = _check(path, "broker.prefix", broker.get("prefix", DEFAULT_PREFIX), rules.check_name)
+        self.busy_timeout: float = _check(path, "broker.confirm_timeout",
+                                          broker.get("confirm_timeout", DEFAULT_CONFIRM_TIMEOUT), rules.check_duration)
+        self.smtp_from: str = _check(path, "smtp.from", smtp.get("from", ""), rules.check_sender)
+        self.aliases: dict[str, str] = _check(path, "aliases", _table(data, "aliases", path), rules.check_addresses)
+        unknown = sorted(set(sendmail) - _SENDMAIL_KEYS)
+        if unknown:
+            raise ConfigError("unknown key", path=path, key=f"sendmail.{unknown[0]}")
+        self.mode: str = _check(path, "sendmail.mode", sendmail.get("mode", SENDMAIL_MODES[0]), check_mode)
+        self.max_size: int = _check(path, "sendmail.max_size", sendmail.get("max_size", rules.DEFAULT_MAX_SIZE),
+                                    rules.check_size)
+        self.domain: str = _check(path, "sendmail.domain", sendmail.get("domain", ""), rules.check_domain) or self.host
+        self.from_line_override: bool = _check(path, "sendmail.from_line_override",
+                                               sendmail.get("from_line_override", True), rules.check_bool)
+        self.senders: dict[str, str] = _check(path, "sendmail.senders", sendmail.get("senders", {}),
+                                              rules.check_addresses)
+
+
+def _table(data: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError("must be a table", path=path, key=name)
+    return value
+
+
+def _check(path: str, key: str, value: object, check: Callable[[Any], Any]) -> Any:
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), path=path, key=key) from None
+
+
+def load(env: Mapping[str, str] | None = None) -> FastConfig:
+    """Find, read and layer as :func:`relay.config.models.load_config` does; ConfigError (one line) otherwise.
+
+    No config anywhere is an error here: it means no relay reads any queue, and queuing would strand the mail.
+    """
+    where, data, _ = loader.read(None, env, required=True, cached=True)
+    return FastConfig(data, where)

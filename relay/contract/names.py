@@ -1,0 +1,65 @@
+"""Exchange and queue names, as tiny pure functions (no imports: the sendmail path uses them).
+
+Every name opsrelay gives a broker object is made here, from ``broker.prefix``;
+:mod:`relay.contract.topology` builds the layout from them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RETRY_INFIX",
+    "dead_queue",
+    "events_exchange",
+    "is_retry_queue",
+    "outbound_queue",
+    "retry_queue",
+    "spool_name",
+    "state_queue",
+    "subscription_queue",
+    "unrouted_exchange",
+    "unrouted_queue",
+]
+
+RETRY_INFIX = ".retry."
+
+
+def events_exchange(prefix: str) -> str:
+    return f"{prefix}.events"
+
+
+def unrouted_exchange(prefix: str) -> str:
+    return f"{prefix}.unrouted"
+
+
+def unrouted_queue(prefix: str) -> str:
+    return f"{prefix}.unrouted"
+
+
+def subscription_queue(prefix: str, name: str) -> str:
+    return f"{prefix}.sub.{name}"
+
+
+def outbound_queue(prefix: str) -> str:
+    return f"{prefix}.outbound"
+
+
+def retry_queue(prefix: str, delay_ms: int) -> str:
+    return f"{prefix}{RETRY_INFIX}{delay_ms}ms"
+
+
+def dead_queue(prefix: str) -> str:
+    return f"{prefix}.dead"
+
+
+def state_queue(prefix: str, name: str) -> str:
+    """Where a stateful subscription keeps its digests, damping windows and outages."""
+    return f"{prefix}.state.{name}"
+
+
+def spool_name(prefix: str) -> str:
+    """The listener's store-and-forward spool (exchange and queue) in its local embedded engine."""
+    return f"{prefix}.spool"
+
+
+def is_retry_queue(prefix: str, name: str) -> bool:
+    return name.startswith(f"{prefix}{RETRY_INFIX}")

@@ -1,0 +1,48 @@
+"""``opsrelay serve``: run the relay until stopped, reconnecting to a broker that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from relay.config.models import Config
+from relay.daemon.relay import Relay
+from relay.delivery.outcome import Mailer
+from relay.engines import open_engine
+from relay.errors import BrokerUnavailable
+from relay.render.renderer import Renderer
+from relay.timing import doubling
+
+__all__ = ["serve_forever"]
+
+log = logging.getLogger("opsrelay.relay")
+# The first wait before connecting again; it doubles while the broker stays away.
+RECONNECT_FIRST = 0.5
+
+
+async def serve_forever(config: Config, mailer: Mailer, stop: asyncio.Event, *,
+                        renderer: Renderer | None = None, max_delay: float = 30.0, grace: float = 30.0) -> None:
+    """Run the relay until ``stop``; a broker that is down or goes away is waited for with backoff.
+
+    A lost connection ends the running :class:`Relay` (its unacked deliveries return to the
+    broker), then a fresh engine is connected and the relay starts again.
+    """
+    renderer = renderer or Renderer(config)
+    failures = 0
+    while not stop.is_set():
+        engine = open_engine(config.broker.url, confirm_timeout=config.broker.confirm_timeout)
+        try:
+            await engine.connect()
+            failures = 0
+            await Relay(config, engine, mailer, renderer=renderer, grace=grace).run(stop)
+        except BrokerUnavailable as exc:
+            failures += 1
+            log.warning("relay: broker unavailable (%s); reconnecting in %.1fs", exc,
+                        doubling(failures, first=RECONNECT_FIRST, cap=max_delay))
+        finally:
+            await engine.close()
+        if stop.is_set():
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), doubling(max(failures, 1), first=RECONNECT_FIRST, cap=max_delay))

@@ -1,0 +1,87 @@
+"""What waits where: ready counts of the relay's queues, and the mail held for a smarthost or config fault."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from relay.contract.envelope import (
+    held_fault,
+    read_recipients,
+)
+from relay.contract.message import Message
+from relay.contract.names import (
+    dead_queue,
+    outbound_queue,
+    retry_queue,
+    subscription_queue,
+    unrouted_queue,
+)
+from relay.engines.base import Engine
+from relay.errors import ConfigurationError, MessageDecodeError
+from relay.ops.browse import browse
+
+__all__ = ["HeldMail", "QueueCount", "QueueStats", "queue_stats"]
+
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCount:
+    role: str  # outbound | retry | dead | unrouted | subscription
+    name: str
+    ready: int | None  # None: the queue is not declared (the relay never ran with this config)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldMail:
+    """A mail waiting in a retry queue because the smarthost or our config is at fault."""
+
+    queue: str
+    id: str
+    fault: str
+    holds: int
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    queues: tuple[QueueCount, ...]
+    held: tuple[HeldMail, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queues": [{"role": q.role, "name": q.name, "ready": q.ready} for q in self.queues],
+            "held": [{"queue": h.queue, "id": h.id, "fault": h.fault, "holds": h.holds,
+                      "recipients": list(h.recipients)} for h in self.held],
+        }
+
+
+async def queue_stats(engine: Engine, prefix: str, retry_delays_ms: Sequence[int],
+                      subscriptions: Sequence[str]) -> QueueStats:
+    """Ready counts of the relay's queues, and the held mails found by browsing the retry queues."""
+    named = [("outbound", outbound_queue(prefix))]
+    named += [("retry", retry_queue(prefix, d)) for d in sorted(set(retry_delays_ms))]
+    named += [("dead", dead_queue(prefix)), ("unrouted", unrouted_queue(prefix))]
+    named += [("subscription", subscription_queue(prefix, s)) for s in subscriptions]
+    counts: list[QueueCount] = []
+    held: list[HeldMail] = []
+    for role, name in named:
+        try:
+            ready: int | None = await engine.depth(name)
+        except ConfigurationError:
+            ready = None
+        counts.append(QueueCount(role, name, ready))
+        if role == "retry" and ready:
+            held += [_held(name, m) for m in await browse(engine, name) if held_fault(m.headers) is not None]
+    return QueueStats(tuple(counts), tuple(held))
+
+
+def _held(queue: str, message: Message) -> HeldMail:
+    h = message.headers
+    holds = h.get("x-holds")
+    try:
+        recipients = read_recipients(h)
+    except MessageDecodeError:
+        recipients = ()
+    return HeldMail(queue, message.message_id, held_fault(h) or "", holds if isinstance(holds, int) else 0, recipients)

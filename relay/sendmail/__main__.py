@@ -1,0 +1,7 @@
+"""``python -m relay.sendmail``: the same as ``opsrelay-sendmail``."""
+
+import sys
+
+from relay.sendmail.main import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""``sendmail.mode = "direct"``: the relay's first attempt at a submission, made here and now.
+
+:meth:`relay.daemon.relay.Relay.deliver` sends and applies its plan, as the relay's outbound
+consumer does: delivered; a temporary failure or a held delivery goes to the retry queue with
+the relay's backoff; a permanent refusal to the dead-letter queue. The queue is connected and
+declared first, so a mail that fails is never left with nowhere to go; if it cannot be,
+nothing is sent and we exit 75.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from relay.config.models import Config, load_config
+from relay.contract.mail import OutboundMail
+from relay.daemon.relay import Relay, relay_topology
+from relay.delivery.plan import DeadLetter, Delivered, Hold, Plan, Retry
+from relay.delivery.smtp import SmtpPool
+from relay.engines import open_engine
+from relay.errors import ConfigurationError, RelayError
+from relay.sendmail.exits import EX_CONFIG, EX_OK, EX_TEMPFAIL
+from relay.sendmail.outbound import ORIGIN, quiet_logging
+
+__all__ = ["deliver_now"]
+
+
+async def _attempt(config: Config, mail: OutboundMail) -> Plan:
+    engine = open_engine(config.broker.url, confirm_timeout=config.broker.confirm_timeout)
+    mailer = SmtpPool(config.smtp)
+    try:
+        await engine.connect()
+        await engine.declare(relay_topology(config))
+        return await Relay(config, engine, mailer).deliver(mail)
+    finally:
+        await mailer.close()
+        await engine.close()
+
+
+def deliver_now(sender: str, recipients: Sequence[str], raw: bytes, message_id: str,
+                say: Callable[[str], None], *, verbose: bool) -> int:
+    """Deliver or queue ``raw``; one line per recipient group that was not delivered (all with ``verbose``)."""
+    quiet_logging()
+    try:
+        config = load_config()
+    except ConfigurationError as exc:
+        say(f"config error: {exc}")
+        return EX_CONFIG
+    mail = OutboundMail(sender=sender, recipients=tuple(recipients), raw=raw, message_id=message_id, origin=ORIGIN)
+    try:
+        plan = asyncio.run(_attempt(config, mail))
+    except ConfigurationError as exc:
+        say(f"config error: {exc}")
+        return EX_CONFIG
+    except RelayError as exc:
+        say(f"cannot queue the mail ({exc}); nothing was queued")
+        return EX_TEMPFAIL
+    for decision in plan:
+        rcpts = ", ".join(decision.recipients)
+        if isinstance(decision, Delivered):
+            if verbose:
+                say(f"delivered {message_id} to {rcpts}: {decision.reply}")
+        elif isinstance(decision, Retry):
+            say(f"not delivered to {rcpts} yet ({decision.reason}); queued, retry in {decision.delay:g}s")
+        elif isinstance(decision, Hold):
+            say(f"delivery to {rcpts} held ({decision.fault}); queued, retry in {decision.delay:g}s")
+        elif isinstance(decision, DeadLetter):
+            say(f"not delivered to {rcpts}: {decision.reason}; kept in {config.broker.prefix}.dead "
+                "(opsrelay dlq list)")
+    return EX_OK
