@@ -41,6 +41,8 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from tests.waiting import wait_until
+
 __all__ = [
     "DEFAULT_PASSWORD",
     "DEFAULT_USER",
@@ -171,8 +173,10 @@ class SmtpServer:
     def stop(self) -> None:
         if self._running:
             self._running = False
-            self._call(self._close_all(), timeout=5.0)
-            self._controller.stop()
+            try:
+                self._close_all_within(5.0)
+            finally:
+                self._controller.stop()
 
     def __enter__(self) -> SmtpServer:
         return self.start()
@@ -237,22 +241,23 @@ class SmtpServer:
         This blocks the caller's event loop on purpose: the client learns of the close
         only when it next uses the connection, as with a server that timed it out.
         """
-        self._call(self._close_all(), timeout)
+        self._close_all_within(timeout)
+
+    def _close_all_within(self, timeout: float) -> None:
+        # The wait inside fails first, saying what it waited for; the margin is for the hand-over.
+        future = asyncio.run_coroutine_threadsafe(self._close_all(timeout), self._controller.loop)
+        future.result(timeout + 5.0)
 
     # -- inside the server's thread ----------------------------------------------------------
 
-    def _call(self, coro: Any, timeout: float) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self._controller.loop).result(timeout)
-
-    async def _close_all(self) -> None:
+    async def _close_all(self, within: float) -> None:
         live = [s for s in self._connections if s.transport is not None]
         for server in live:
             if isinstance(server.transport, asyncio.Transport):
                 server.transport.abort()
-        for _ in range(1000):  # connection_lost arrives a few loop turns later (TLS: two layers)
-            if all(s.transport is None for s in live):
-                return
-            await asyncio.sleep(0.005)
+        # connection_lost arrives a few loop turns later (TLS: two layers)
+        await wait_until(lambda: all(s.transport is None for s in live), within,
+                         what=f"the server's {len(live)} connection(s) to close", interval=0.005)
 
     def _connection(self, server: SMTP) -> Connection:
         with self._lock:
@@ -338,7 +343,7 @@ class _Handler:
             self.owner._data_attempts += 1
             scripted = self.owner._data_script.popleft() if self.owner._data_script else None
         if scripted is not None and scripted.delay:
-            await asyncio.sleep(scripted.delay)
+            await asyncio.sleep(scripted.delay)  # a slow server, on cue: the reply is held this long
         if scripted is not None and not scripted.reply.startswith("2"):
             return scripted.reply
         auth = session.auth_data if session.authenticated else None

@@ -39,14 +39,16 @@ import signal
 import subprocess
 import sysconfig
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-__all__ = ["Program", "Supervisor", "stop_all", "wait_for"]
+from tests.brokers import delete_topology
+from tests.waiting import WaitTimeout, wait_for
+
+__all__ = ["Program", "Supervisor", "stop_all"]
 
 BIN = Path(sysconfig.get_path("scripts"))
 T = TypeVar("T")
@@ -54,20 +56,6 @@ TomlValue = str | int | float | bool | Path | Sequence[str]
 
 # sun_path is 108 bytes on Linux; a deep pytest tmp_path can exceed it.
 _MAX_SOCKET_PATH = 100
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, *, interval: float = 0.05,
-             what: str = "the condition", diagnostics: Callable[[], str] | None = None) -> T:
-    """Poll ``predicate`` until it returns something truthy, and return that; TimeoutError otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{diagnostics()}" if diagnostics else ""
-            raise TimeoutError(f"waited {timeout:g}s for {what}{detail}")
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -309,8 +297,27 @@ class Supervisor:
         # Children of supervisord were reaped by it; anything reparented is reaped by init.
         try:
             wait_for(lambda: not self._alive(), 5.0, what="killed processes to go")
-        except TimeoutError:
+        except WaitTimeout:
             raise RuntimeError(f"processes survived SIGKILL: {self._alive()}") from None
+
+    def declare_relay_queues(self) -> None:
+        """Declare what ``opsrelay serve`` declares, as on a broker where the relay ran before.
+
+        For an event supervisord sends at its own start (SUPERVISOR_STATE_CHANGE_RUNNING): the
+        listener may publish it before the relay has bound its queues, and then it lands in
+        ``<prefix>.unrouted`` (:meth:`stop` deletes these with the rest).
+        """
+        from relay.config.models import load_config
+        from relay.daemon.relay import relay_topology
+        from relay.engines import open_engine
+
+        config = load_config(self.config_path, env={})
+
+        async def declare() -> None:
+            async with open_engine(config.broker.url) as engine:
+                await engine.declare(relay_topology(config))
+
+        asyncio.run(declare())
 
     def leftovers(self) -> list[int]:
         """Pids started under supervisord that are still alive (empty after :meth:`stop`)."""
@@ -320,27 +327,12 @@ class Supervisor:
         """Delete what the listener and the relay declared under this prefix."""
         if self.broker_url.startswith("sqlite:"):
             return  # the embedded queue lives in the test's own directory
-        import aio_pika
-
         from relay.config.models import load_config
         from relay.contract.topology import event_topology
         from relay.daemon.relay import relay_topology
 
         topology = relay_topology(load_config(self.config_path, env={})) + event_topology(self.prefix)
-
-        async def delete() -> None:
-            connection = await aio_pika.connect(self.broker_url, timeout=5)
-            async with connection:
-                for queue in topology.queues:
-                    channel = await connection.channel()  # a failed delete closes its channel
-                    async with channel:
-                        await channel.queue_delete(queue.name)
-                for exchange in topology.exchanges:
-                    channel = await connection.channel()
-                    async with channel:
-                        await channel.exchange_delete(exchange.name)
-
-        asyncio.run(delete())
+        asyncio.run(delete_topology(self.broker_url, topology))
 
     # -- supervisorctl -------------------------------------------------------------------------
 
@@ -402,7 +394,7 @@ class Supervisor:
 
     def wait_for(self, predicate: Callable[[], T], timeout: float, *, interval: float = 0.05,
                  what: str = "the condition") -> T:
-        """:func:`wait_for`, with the logs in the error when it times out (or supervisord died)."""
+        """:func:`tests.waiting.wait_for`, with the logs in the error when it times out (or supervisord died)."""
 
         def check() -> T:
             if self._process is not None:

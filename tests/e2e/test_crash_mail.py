@@ -70,7 +70,7 @@ def test_an_unexpected_exit_sends_exactly_one_mail_over_tls(run: Run, smtp_serve
     assert re.search(rf"^\s*host\s+{HOST}$", text, re.M), text
     assert re.search(r"^\s*process\s+crash$", text, re.M), text
 
-    time.sleep(QUIET)
+    time.sleep(QUIET)  # a negative check: no further mail may arrive meanwhile
     assert len(smtp_server.received) == 1, [parsed(m)["Subject"] for m in smtp_server.received]
 
 
@@ -93,7 +93,7 @@ def test_an_expected_exit_sends_no_mail_when_unexpected_only(run: Run, smtp_serv
     assert parsed(crashes[0])["Subject"] == f"[opsrelay] {HOST}: crash exited unexpectedly"
     sv.wait_for(lambda: len(mails_to(smtp_server, audit)) >= 2, 15, what="the audit mail for crash")
 
-    time.sleep(QUIET)
+    time.sleep(QUIET)  # a negative check: no further mail may arrive meanwhile
     oncall = [parsed(m)["Subject"] for m in mails_to(smtp_server, ONCALL)]
     assert oncall == [f"[opsrelay] {HOST}: crash exited unexpectedly"]
     assert len(smtp_server.received) == 3
@@ -121,7 +121,7 @@ def test_a_program_that_cannot_start_sends_one_fatal_mail(run: Run, smtp_server:
     assert "PROCESS_STATE_FATAL" in text
 
     # It never ran long enough to exit (BACKOFF is not EXITED): FATAL is the only mail.
-    time.sleep(QUIET)
+    time.sleep(QUIET)  # a negative check: no further mail may arrive meanwhile
     assert len(smtp_server.received) == 1, [parsed(m)["Subject"] for m in smtp_server.received]
 
 
@@ -145,7 +145,7 @@ def test_a_dotted_non_ascii_program_name_is_routed_and_named(run: Run, smtp_serv
     assert re.search(rf"^\s*process\s+{re.escape(name)}$", text, re.M), text
     assert re.search(rf"^\s*group\s+{re.escape(name)}$", text, re.M), text
 
-    time.sleep(QUIET)
+    time.sleep(QUIET)  # a negative check: no further mail may arrive meanwhile
     assert [m.rcpt_tos for m in smtp_server.received] == [(dotted,)]
     # supervisord's len: counts characters; a listener counting bytes would lose the framing here.
     assert "malformed" not in sv.listener_log(), sv.listener_log()

@@ -34,9 +34,10 @@ from relay.daemon.hosted import hosted_config
 from relay.daemon.relay import relay_topology
 from relay.engines import open_engine
 from relay.ops.browse import browse
-from tests.e2e.harness import BIN, Program, Supervisor, stop_all, wait_for
+from tests.e2e.harness import BIN, Program, Supervisor, stop_all
 from tests.e2e.mail import parsed
 from tests.smtp_server import ReceivedMail, SmtpServer
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.supervisord, pytest.mark.timeout(60)]
 
@@ -126,7 +127,7 @@ def test_a_crash_sends_one_mail_and_an_expected_exit_none(run: Run, smtp_server:
     assert sv.state("crash") == "EXITED"
     assert_crash_mail(received[0], smtp_server, "crash")
 
-    time.sleep(QUIET)
+    time.sleep(QUIET)  # a negative check: no further mail may arrive meanwhile
     assert len(smtp_server.received) == 1, subjects(smtp_server)
     # stdout is supervisord's: a stray byte there would have turned the listener UNKNOWN.
     assert "UNKNOWN" not in sv.supervisord_log() and sv.state("crashmail") == "RUNNING"
@@ -143,7 +144,7 @@ def test_p_mails_only_the_named_programs(run: Run, smtp_server: SmtpServer) -> N
     received = sv.wait_for(lambda: smtp_server.received, 15, what="the crash mail")
     assert_crash_mail(received[0], smtp_server, "crash")
 
-    time.sleep(QUIET)
+    time.sleep(QUIET)  # a negative check: no further mail may arrive meanwhile
     assert len(smtp_server.received) == 1, subjects(smtp_server)
     # The bystander's crash was published (it matched no binding, so it waits in unrouted), not lost.
     unrouted = [decode_event(m.body) for m in sv.queued(flags)[unrouted_queue(sv.prefix)]]
@@ -178,7 +179,7 @@ def test_sigterm_finishes_the_mail_in_flight_and_leaves_nothing_queued(run: Run,
     # And started again, the listener finds nothing to resend.
     assert "started" in sv.ctl("start", "crashmail").stdout
     sv.wait_for(lambda: sv.listener_log().count("relay: consuming") == 2, 15, what="the listener to start again")
-    time.sleep(QUIET)
+    time.sleep(QUIET)  # a negative check: no further mail may arrive meanwhile
     assert len(smtp_server.received) == 1, subjects(smtp_server)
 
 

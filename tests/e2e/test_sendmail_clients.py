@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import BIN, wait_for
+from tests.e2e.harness import BIN
 from tests.e2e.mail import parsed
 from tests.integration.test_sendmail import SENDMAIL, Host
 from tests.smtp_server import ReceivedMail, SmtpServer
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

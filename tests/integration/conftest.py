@@ -1,5 +1,50 @@
-"""The engine fixtures of the behavioural suite, for the other suites that run on both engines."""
+"""Fixtures of the integration suites: the broker a test runs on, once per engine, and its engine.
 
-from tests.integration.test_engine_contract import broker, engine
+``broker`` is parametrised over the embedded SQLite queue and RabbitMQ (marked ``rabbitmq``;
+without one reachable, fails in CI and skips elsewhere); ``@pytest.mark.parametrize("broker",
+[...], indirect=True)`` narrows a test to some of them. Whatever the test opened through it
+is closed and whatever it declared is deleted afterwards (tests/brokers.py). ``servers`` and
+``rig`` are the fault suites' (tests/integration/faults.py).
+"""
 
-__all__ = ["broker", "engine"]
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.engines.base import Engine
+from tests.brokers import Broker, engine_params
+from tests.integration.faults import Rig, Servers
+
+
+@pytest.fixture(params=engine_params())
+async def broker(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> AsyncIterator[Broker]:
+    made = Broker.for_test(request.param, tmp_path, prefix)
+    try:
+        yield made
+    finally:
+        await made.cleanup()
+
+
+@pytest.fixture
+async def engine(broker: Broker) -> Engine:
+    """A connected engine on the test's broker (closed with the broker)."""
+    return await broker.open()
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    """SMTP servers the test starts; stopped, newest first, after the test."""
+    made = Servers(tmp_path)
+    yield made
+    made.stop_all()
+
+
+@pytest.fixture
+async def rig(broker: Broker, servers: Servers) -> AsyncIterator[Rig]:
+    # Depends on servers so that engines close (and queues go) before the servers stop.
+    made = Rig(broker)
+    yield made
+    await broker.cleanup()

@@ -15,17 +15,14 @@ import asyncio
 import json
 import random
 import socket
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from relay.config.models import Config
 from relay.contract.mail import OutboundMail, to_message
@@ -35,14 +32,14 @@ from relay.contract.topology import event_topology
 from relay.daemon.relay import relay_topology
 from relay.daemon.serve import serve_forever
 from relay.delivery.smtp import SmtpPool
-from relay.engines import open_engine
 from relay.engines.base import Engine
 from relay.render.mime import build_message
+from tests.brokers import Broker, delete_topology
 from tests.smtp_server import ReceivedMail, SmtpServer
+from tests.waiting import wait_until
 
 __all__ = [
     "SENDER",
-    "Broker",
     "Ledger",
     "Reconciliation",
     "Rig",
@@ -51,44 +48,22 @@ __all__ = [
     "cleanup_broker",
     "dead_recipients",
     "drain",
-    "engine_params",
     "fill_outbound",
     "history",
     "new_mail",
-    "open_test_engine",
     "reconcile",
     "relay_settings",
     "retry_queues",
     "running_relay",
     "steady_port",
     "to_config",
-    "wait_until",
+    "wait_until",  # tests.waiting's, for the suites that import it from here
     "write_toml",
 ]
 
 SENDER = "alerts@faults.test"
 MSGID_DOMAIN = "faults.test"
 ID_HEADER = "X-Opsrelay-Id"
-
-
-def engine_params() -> list[Any]:
-    """``sqlite`` and ``amqp`` (marked rabbitmq), for ``pytest.mark.parametrize``."""
-    return [pytest.param("sqlite", id="sqlite"), pytest.param("amqp", id="amqp", marks=pytest.mark.rabbitmq)]
-
-
-@dataclass(frozen=True)
-class Broker:
-    kind: str
-    url: str
-    prefix: str
-
-    @classmethod
-    def make(cls, kind: str, tmp_path: Path, prefix: str, request: pytest.FixtureRequest) -> Broker:
-        if kind == "amqp":
-            url: str = request.getfixturevalue("amqp_url")  # skips (or fails in CI) without RabbitMQ
-        else:
-            url = f"sqlite:///{(tmp_path / 'queue.db').absolute()}"  # four slashes: an absolute path
-        return cls(kind, url, prefix)
 
 
 def steady_port(host: str = "127.0.0.1") -> int:
@@ -158,29 +133,9 @@ def retry_queues(config: Config) -> list[str]:
 # -- engines ---------------------------------------------------------------------------------------
 
 
-async def open_test_engine(config: Config) -> Engine:
-    """The test's own connection (as another process would have), with the relay's topology declared."""
-    engine = open_engine(config.broker.url, confirm_timeout=config.broker.confirm_timeout)
-    await engine.connect()
-    await engine.declare(relay_topology(config))
-    return engine
-
-
 async def cleanup_broker(config: Config) -> None:
     """Delete what a relay with ``config`` declares on RabbitMQ (a SQLite file goes with tmp_path)."""
-    if not config.broker.url.startswith("amqp"):
-        return
-    import aio_pika
-
-    topology = relay_topology(config) + event_topology(config.broker.prefix)
-    connection = await aio_pika.connect(config.broker.url, timeout=10)
-    async with connection:
-        for queue in topology.queues:
-            async with connection.channel() as channel:  # a failed delete closes its channel
-                await channel.queue_delete(queue.name)
-        for exchange in topology.exchanges:
-            async with connection.channel() as channel:
-                await channel.exchange_delete(exchange.name)
+    await delete_topology(config.broker.url, relay_topology(config) + event_topology(config.broker.prefix))
 
 
 # -- mail ------------------------------------------------------------------------------------------
@@ -268,21 +223,6 @@ def _unaccounted(ledger: Ledger, delivered: Counter[tuple[str, str]],
 # -- waiting ---------------------------------------------------------------------------------------
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]] | Callable[[], bool], within: float, *,
-                     what: str, diagnostics: Callable[[], str] | None = None, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        if time.monotonic() >= deadline:
-            detail = f"\n{diagnostics()}" if diagnostics else ""
-            raise AssertionError(f"waited {within:g}s for {what}{detail}")
-        await asyncio.sleep(interval)
-
-
 class Watch:
     """Collects dead letters as they come (the relay never consumes them) and tells when all is settled."""
 
@@ -316,6 +256,8 @@ class Watch:
         """
         await wait_until(self.poll, within, what="every published mail to be delivered or dead-lettered",
                          diagnostics=self.summary, interval=0.05)
+        # Kept: no assert depends on it (stopping the relay finishes in-flight work either way),
+        # and the relay's unacked deliveries cannot be seen from here to be waited for.
         await asyncio.sleep(quiet)
 
 
@@ -429,22 +371,14 @@ class Servers:
 
 
 class Rig:
-    """The test's engines and the broker objects its configs declared, undone on close."""
+    """Relay configs on the test's broker (tests/brokers.py), which closes and deletes what they opened."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self._engines: list[Engine] = []
-        self._configs: list[Config] = []
 
     async def open(self, settings: Mapping[str, Any]) -> tuple[Config, Engine]:
+        """The config, and the test's own connection (as another process would have) with its topology declared."""
         config = to_config(settings)
-        self._configs.append(config)
-        engine = await open_test_engine(config)
-        self._engines.append(engine)
+        engine = await self.broker.open(confirm_timeout=config.broker.confirm_timeout)
+        await self.broker.declare(engine, relay_topology(config))
         return config, engine
-
-    async def close(self) -> None:
-        for engine in reversed(self._engines):
-            await engine.close()
-        for config in self._configs:
-            await cleanup_broker(config)

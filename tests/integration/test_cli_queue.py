@@ -30,6 +30,7 @@ from relay.daemon.relay import Relay, relay_topology
 from relay.engines import open_engine
 from relay.errors import SMTPSecurityError
 from relay.render.mime import build_message
+from tests.brokers import delete_topology
 from tests.doubles import RecordingMailer
 from tests.smtp_server import free_port
 
@@ -387,15 +388,7 @@ def rabbit_state(tmp_path: Path, amqp_url: str, prefix: str) -> Iterator[State]:
 
 
 async def _delete(url: str, cfg: Config) -> None:
-    import aio_pika
-
-    topology = relay_topology(cfg)
-    connection = await aio_pika.connect(url)
-    async with connection, connection.channel() as channel:
-        for queue in topology.queues:
-            await channel.queue_delete(queue.name)
-        for exchange in topology.exchanges:
-            await channel.exchange_delete(exchange.name)
+    await delete_topology(url, relay_topology(cfg))
 
 
 @pytest.mark.rabbitmq

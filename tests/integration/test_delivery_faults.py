@@ -14,9 +14,8 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import trustme
@@ -26,12 +25,10 @@ from relay.contract.message import HeaderValue, Message
 from relay.contract.names import outbound_queue
 from relay.engines.base import Delivery, Engine
 from tests.integration.faults import (
-    Broker,
     Ledger,
     Rig,
     Servers,
     Watch,
-    engine_params,
     fill_outbound,
     history,
     new_mail,
@@ -40,34 +37,14 @@ from tests.integration.faults import (
     retry_queues,
     running_relay,
     steady_port,
-    wait_until,
 )
 from tests.smtp_server import DEFAULT_PASSWORD, SmtpServer, TlsMode
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 BACKOFF = ("100ms", "200ms")
 STEPS = (0.1, 0.2)  # seconds; the last step repeats
-
-
-@pytest.fixture(params=engine_params())
-def broker(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Broker:
-    return Broker.make(request.param, tmp_path, prefix, request)
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    made = Servers(tmp_path)
-    yield made
-    made.stop_all()
-
-
-@pytest.fixture
-async def rig(broker: Broker, servers: Servers) -> AsyncIterator[Rig]:
-    # Depends on servers so that engines close (and queues go) before the servers stop.
-    made = Rig(broker)
-    yield made
-    await made.close()
 
 
 def step(attempt: int) -> float:
@@ -81,7 +58,7 @@ async def sample_data_attempts(server: SmtpServer, times: list[float]) -> None:
         now = server.data_attempts
         times.extend([time.monotonic()] * (now - seen))
         seen = now
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # the sampling period: the server has no event to wait on
 
 
 async def test_451_on_data_three_times_then_delivered_once_after_backoff(rig: Rig, servers: Servers) -> None:
@@ -98,7 +75,8 @@ async def test_451_on_data_three_times_then_delivered_once_after_backoff(rig: Ri
         async with running_relay(config) as relay:
             watch.alive = relay.check
             await watch.until_settled(15)
-            await asyncio.sleep(0.05)  # let the sampler see the last DATA
+            await wait_until(lambda: len(times) >= server.data_attempts, 5,
+                             what="the sampler to see the last DATA")
     finally:
         sampler.cancel()
     result = await reconcile(watch)
@@ -178,7 +156,7 @@ async def test_server_down_during_a_burst_then_back_delivers_all_once(rig: Rig, 
         while time.monotonic() < outage_ends:
             relay.check()
             retrying = max(retrying, sum([await engine.depth(q) for q in retry_queues(config)]))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # pacing: the server stays down for the whole second, sampled
         # The smarthost comes back on the same port, with the same certificate authority.
         second = servers.make(port=first.port, ca=first.ca)
         await watch.until_settled(30)

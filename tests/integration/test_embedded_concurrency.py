@@ -26,6 +26,7 @@ from relay.config.models import Config
 from relay.contract.names import dead_queue, outbound_queue
 from relay.daemon.serve import serve_forever
 from tests.doubles import RecordingMailer
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -137,13 +138,17 @@ async def test_twenty_writers_every_mail_delivered_exactly_once(tmp_path: Path) 
         published.add_done_callback(lambda _: sent_meanwhile.append(len(mailer.sent)))
 
         total = WRITERS * PER_WRITER
-        deadline = started + BOUND
-        while len(mailer.sent) < total or rows_left(db) or not published.done():
+
+        def all_sent() -> bool:
             assert not relay.done(), f"the relay ended: {relay.exception() if relay.done() else ''}"
-            assert time.monotonic() < deadline, (
-                f"after {BOUND:g}s: {len(mailer.sent)} of {total} sent, {rows_left(db)} row(s) in the file, "
-                f"writers {'done' if published.done() else 'still running'}")
-            await asyncio.sleep(0.05)
+            return len(mailer.sent) >= total and not rows_left(db) and published.done()
+
+        def progress() -> str:
+            return (f"{len(mailer.sent)} of {total} sent, {rows_left(db)} row(s) in the file, "
+                    f"writers {'done' if published.done() else 'still running'}")
+
+        await wait_until(all_sent, started + BOUND - time.monotonic(), what="every mail to be sent",
+                         diagnostics=progress, interval=0.05)
         last_publish = max(await published)
         drained = time.monotonic()
     finally:

@@ -1,22 +1,18 @@
 """One behavioural suite, run against every engine: the embedded SQLite queue and RabbitMQ.
 
-The amqp case needs a RabbitMQ at ``$OPSRELAY_TEST_AMQP_URL`` (default
-``amqp://guest:guest@127.0.0.1:5672/``): it fails when that is unreachable and
-``$CI`` is set, and skips otherwise. Every test names its exchanges and queues
-with a fresh prefix; what a test declared on RabbitMQ is deleted afterwards.
+The ``broker`` and ``engine`` fixtures are tests/integration/conftest.py's: the amqp case needs a
+RabbitMQ at ``$OPSRELAY_TEST_AMQP_URL`` (default ``amqp://guest:guest@127.0.0.1:5672/``); it
+fails when that is unreachable and ``$CI`` is set, and skips otherwise. Every test names its
+exchanges and queues with a fresh prefix; what a test declared on RabbitMQ is deleted afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
 
@@ -24,83 +20,12 @@ from relay.contract.message import HeaderValue, Message
 from relay.contract.names import events_exchange, unrouted_queue
 from relay.contract.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology, event_topology
 from relay.engines.base import Delivery, Engine
-from relay.errors import BrokerUnavailable, ConfigurationError
+from relay.errors import ConfigurationError
+from tests.brokers import Broker, settled_depth
 
 pytestmark = pytest.mark.timeout(60)
 
-AMQP_URL = os.environ.get("OPSRELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 WAIT = 5.0
-
-
-class Broker:
-    """Opens engines of one kind on one broker and undoes what the test declared."""
-
-    def __init__(self, kind: str, url: str) -> None:
-        self.kind = kind
-        self.url = url
-        self._engines: list[Engine] = []
-        self._declared: list[Topology] = []
-
-    def _new(self) -> Engine:
-        if self.kind == "amqp":
-            amqp = importlib.import_module("relay.engines.amqp")
-            engine: Engine = amqp.AmqpEngine(self.url)
-            return engine
-        from relay.engines.sqlite import SqliteEngine
-
-        return SqliteEngine(self.url)
-
-    async def open(self) -> Engine:
-        engine = self._new()
-        try:
-            await engine.connect()
-        except BrokerUnavailable as exc:
-            if self.kind == "amqp" and not os.environ.get("CI"):
-                pytest.skip(f"RabbitMQ unreachable: {exc}")
-            raise
-        self._engines.append(engine)
-        return engine
-
-    async def declare(self, engine: Engine, topology: Topology) -> None:
-        self._declared.append(topology)
-        await engine.declare(topology)
-
-    async def cleanup(self) -> None:
-        for engine in reversed(self._engines):
-            await engine.close()
-        if self.kind == "amqp" and self._declared:
-            import aio_pika
-
-            connection = await aio_pika.connect(self.url)
-            async with connection, connection.channel() as channel:
-                for topology in reversed(self._declared):
-                    for queue in topology.queues:
-                        await channel.queue_delete(queue.name)
-                    for exchange in topology.exchanges:
-                        await channel.exchange_delete(exchange.name)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("amqp", marks=pytest.mark.rabbitmq)])
-async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broker]:
-    if request.param == "amqp":
-        # Only a missing module skips; a broken one must fail loudly.
-        if importlib.util.find_spec("relay.engines.amqp") is None:
-            pytest.skip("relay.engines.amqp is not written yet")
-        broker = Broker("amqp", AMQP_URL)
-    else:
-        broker = Broker("sqlite", f"sqlite:///{tmp_path}/queue.db")
-    yield broker
-    await broker.cleanup()
-
-
-@pytest.fixture
-async def engine(broker: Broker) -> Engine:
-    return await broker.open()
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
 
 
 def message(tag: str, **headers: HeaderValue) -> Message:
@@ -121,15 +46,6 @@ async def drain(engine: Engine, queue: str) -> list[str]:
     while (delivery := await engine.get(queue)) is not None:
         found.append(tag(delivery))
         await delivery.ack()
-    return found
-
-
-async def settled_depth(engine: Engine, queue: str, expected: int) -> int:
-    """``depth`` once it equals ``expected`` or WAIT passed: RabbitMQ applies ack/reject asynchronously."""
-    deadline = time.monotonic() + WAIT
-    # Polling is the only way: AMQP has no "tell me when the count changes".
-    while (found := await engine.depth(queue)) != expected and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.02)
     return found
 
 
@@ -374,7 +290,7 @@ async def test_prefetch_bounds_unsettled_deliveries(broker: Broker, engine: Engi
         first, second = await next_delivery(), await next_delivery()
         assert [tag(first), tag(second)] == ["m0", "m1"]
         pending = asyncio.ensure_future(next_delivery())
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a negative check: no third delivery may come within this
         assert not pending.done(), "a third delivery while two are unsettled"
         assert await engine.depth(queue) == 3
         await first.ack()

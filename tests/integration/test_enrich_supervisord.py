@@ -33,6 +33,7 @@ import pytest
 
 from listeners.enrich import Call, Deadline, Enricher, Fault, SupervisorRpc, SupervisorUnreachable
 from relay.contract.event import Event, decode_event
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.supervisord, pytest.mark.timeout(60)]
 
@@ -42,7 +43,7 @@ USER, PASSWORD = "opsrelay", "s3cret pässword"
 SLEEP = "sleep 1.2"  # outlives startsecs=1: RUNNING first, so the end is an EXITED event
 TRACEBACK = textwrap.dedent("""\
     import sys, time, traceback
-    time.sleep(1.2)
+    time.sleep(1.2)  # outlives startsecs=1: RUNNING first, so the end is an EXITED event
     print("working on invoice 42", flush=True)
     def charge(invoice):
         raise ValueError(f"invoice {invoice} has no customer \\N{EM DASH} caf\\u00e9")
@@ -159,13 +160,16 @@ class Supervisord:
         return "\n".join(texts)
 
     def wait_for(self, check: Callable[[], T], timeout: float, what: str) -> T:
-        deadline = time.monotonic() + timeout
-        while True:
-            if value := check():
-                return value
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout}s for {what}\n{self.diagnostics()}")
-            time.sleep(0.05)
+        """:func:`tests.waiting.wait_for`, with the logs in the error; it ends at once if supervisord exited."""
+
+        def checked() -> T:
+            value = check()
+            if not value and self.proc.poll() is not None:
+                raise AssertionError(f"supervisord exited with {self.proc.returncode} while waiting for {what}\n"
+                                     f"{self.diagnostics()}")
+            return value
+
+        return wait_for(checked, timeout, what=what, diagnostics=self.diagnostics)
 
     def events(self) -> list[Event]:
         try:

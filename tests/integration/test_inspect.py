@@ -3,16 +3,13 @@
 
 Dead letters come from :class:`relay.daemon.Relay` handling real outbound messages with a
 :class:`relay.delivery.smtp.RecordingMailer` that refuses or fails as scripted; the amqp case needs a
-RabbitMQ (see tests/conftest.py) and deletes what it declared afterwards.
+RabbitMQ (see tests/brokers.py) and deletes what it declared afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,9 +27,7 @@ from relay.contract.names import (
     subscription_queue,
     unrouted_queue,
 )
-from relay.contract.topology import Topology
 from relay.daemon.relay import Relay, relay_topology
-from relay.engines import open_engine
 from relay.engines.base import Engine
 from relay.errors import SMTPSecurityError, SMTPTemporaryError
 from relay.ops.browse import browse
@@ -40,7 +35,9 @@ from relay.ops.dlq import DeadEntry, list_dead, purge, replay, show_dead
 from relay.ops.stats import queue_stats
 from relay.ops.unrouted import replay_unrouted
 from relay.render.mime import build_message
+from tests.brokers import Broker, settled_depth
 from tests.doubles import RecordingMailer
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,45 +60,38 @@ def make_config(url: str, prefix: str, *subscriptions: dict[str, Any]) -> Config
 
 @dataclass
 class Env:
-    kind: str
-    url: str
-    prefix: str
+    """The test's broker (the conftest's, on both engines), an engine on it and a relay config."""
+
+    broker: Broker
     engine: Engine
     config: Config
     mailer: RecordingMailer = field(default_factory=RecordingMailer)
-    declared: list[Topology] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.broker.kind
+
+    @property
+    def url(self) -> str:
+        return self.broker.url
+
+    @property
+    def prefix(self) -> str:
+        return self.broker.prefix
 
     @property
     def relay(self) -> Relay:
         return Relay(self.config, self.engine, self.mailer)
 
     async def declare(self, config: Config) -> None:
-        topology = relay_topology(config)
-        self.declared.append(topology)
-        await self.engine.declare(topology)
+        await self.broker.declare(self.engine, relay_topology(config))
 
 
-@pytest.fixture(params=["sqlite", pytest.param("amqp", marks=pytest.mark.rabbitmq)])
-async def env(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> AsyncIterator[Env]:
-    url = request.getfixturevalue("amqp_url") if request.param == "amqp" else f"sqlite:///{tmp_path}/queue.db"
-    engine = open_engine(url)
-    await engine.connect()
-    env = Env(request.param, url, prefix, engine, make_config(url, prefix))
-    try:
-        await env.declare(env.config)
-        yield env
-    finally:
-        await engine.close()
-        if env.kind == "amqp":
-            import aio_pika
-
-            connection = await aio_pika.connect(url)
-            async with connection, connection.channel() as channel:
-                for topology in reversed(env.declared):
-                    for queue in topology.queues:
-                        await channel.queue_delete(queue.name)
-                    for exchange in topology.exchanges:
-                        await channel.exchange_delete(exchange.name)
+@pytest.fixture
+async def env(broker: Broker) -> Env:
+    made = Env(broker, await broker.open(), make_config(broker.url, broker.prefix))
+    await made.declare(made.config)
+    return made
 
 
 # -- making realistic messages ----------------------------------------------------------------
@@ -159,19 +149,14 @@ async def dead_invalid(env: Env) -> None:
     stop = asyncio.Event()
     running = asyncio.create_task(env.relay.run(stop))
     try:
-        await until(lambda: env.engine.depth(dead_queue(env.prefix)), before + 1)
+        await wait_until(lambda: dead_count_is(env, before + 1), WAIT, what="the garbage to be dead-lettered")
     finally:
         stop.set()
         await running
 
 
-async def until(probe: Callable[[], Any], expected: Any) -> Any:
-    """``await probe()`` once it equals ``expected`` or WAIT passed (RabbitMQ settles asynchronously)."""
-    deadline = time.monotonic() + WAIT
-    # Polling is the only way: AMQP has no "tell me when the count changes".
-    while (found := await probe()) != expected and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.02)
-    return found
+async def dead_count_is(env: Env, count: int) -> bool:
+    return await env.engine.depth(dead_queue(env.prefix)) == count
 
 
 async def drain(engine: Engine, queue: str) -> list[Message]:
@@ -218,7 +203,7 @@ async def test_queue_stats_counts_every_queue_and_the_held_mail(env: Env) -> Non
         retry_queue(p, 60_000), fault, 1, ("held@example.com",))
     assert stats.to_dict()["held"][0]["fault"] == fault
     # Looking did not take anything away.
-    assert await until(lambda: env.engine.depth(retry_queue(p, 60_000)), 2) == 2
+    assert await settled_depth(env.engine, retry_queue(p, 60_000), 2) == 2
     assert sorted(m.headers.get("x-held") is not None for m in await drain(env.engine, retry_queue(p, 60_000))) \
         == [False, True]
 
@@ -232,11 +217,11 @@ async def test_browse_leaves_every_message_in_place_and_in_order(env: Env) -> No
         await env.engine.send(queue, message)
 
     first = await browse(env.engine, queue)
-    await until(lambda: env.engine.depth(queue), 5)
+    await settled_depth(env.engine, queue, 5)  # the browse's requeues settled (asserted below)
     second = await browse(env.engine, queue)
 
     assert [m.message_id for m in first] == [m.message_id for m in second] == ["m0", "m1", "m2", "m3", "m4"]
-    assert await until(lambda: env.engine.depth(queue), 5) == 5
+    assert await settled_depth(env.engine, queue, 5) == 5
     assert [m.body for m in await drain(env.engine, queue)] == [m.body for m in sent]
 
 
@@ -274,7 +259,7 @@ async def test_list_dead_summarises_mail_event_and_invalid(env: Env) -> None:
     assert i["id"] == "garbage-1" and "not JSON" in i["reason"]
     assert i["replayable"] is False and "cannot be replayed" in i["not_replayable_because"]
     # Listing is not consuming.
-    assert await until(lambda: env.engine.depth(dead_queue(env.prefix)), 3) == 3
+    assert await settled_depth(env.engine, dead_queue(env.prefix), 3) == 3
 
 
 async def test_show_dead_has_every_attempt_and_the_message(env: Env) -> None:
@@ -324,7 +309,7 @@ async def test_replay_sends_a_dead_mail_to_outbound_with_fresh_attempts(env: Env
     await env.engine.send(outbound_queue(env.prefix), again)
     await handle_next_mail(env)
     assert [(s.recipients, s.raw) for s in env.mailer.sent] == [((REFUSED,), dead.raw)]
-    assert await until(lambda: env.engine.depth(dead_queue(env.prefix)), 1) == 1
+    assert await settled_depth(env.engine, dead_queue(env.prefix), 1) == 1
 
 
 async def test_replay_sends_a_dead_event_back_to_its_subscription(env: Env) -> None:
@@ -335,7 +320,7 @@ async def test_replay_sends_a_dead_event_back_to_its_subscription(env: Env) -> N
 
     sub = subscription_queue(env.prefix, "crashes")
     assert [(e.kind, target) for e, target in report.replayed] == [("event", sub)]
-    assert await until(lambda: env.engine.depth(dead_queue(env.prefix)), 0) == 0
+    assert await settled_depth(env.engine, dead_queue(env.prefix), 0) == 0
     delivery = await env.engine.get(sub)
     assert delivery is not None
     assert (delivery.message.body, delivery.message.message_id) == (encode_event(ev), ev.id)
@@ -390,7 +375,7 @@ async def test_purge_removes_the_named_ones_then_all(env: Env) -> None:
 
     every = await purge(env.engine, env.prefix, None)
     assert [e.id for e in every.purged] == [second.message_id, "garbage-1"]
-    assert await until(lambda: env.engine.depth(dead_queue(env.prefix)), 0) == 0
+    assert await settled_depth(env.engine, dead_queue(env.prefix), 0) == 0
     assert await list_dead(env.engine, env.prefix) == []
 
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,20 +26,18 @@ from relay.contract.event import Event
 from relay.contract.names import unrouted_queue
 from relay.errors import RelayError
 from tests.integration.faults import (
-    Broker,
     Ledger,
     Rig,
     Servers,
     Watch,
     drain,
-    engine_params,
     fill_outbound,
     new_mail,
     reconcile,
     relay_settings,
-    wait_until,
     write_toml,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -49,25 +46,6 @@ POOL_SIZE = 2
 # The relay's outbound consumer (relay/daemon/relay.py): pool_size deliveries at once, prefetch twice that.
 # A mail can be sent and not yet acked only inside this window.
 IN_FLIGHT_WINDOW = POOL_SIZE + 2 * POOL_SIZE
-
-
-@pytest.fixture(params=engine_params())
-def broker(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Broker:
-    return Broker.make(request.param, tmp_path, prefix, request)
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    made = Servers(tmp_path)
-    yield made
-    made.stop_all()
-
-
-@pytest.fixture
-async def rig(broker: Broker, servers: Servers) -> AsyncIterator[Rig]:
-    made = Rig(broker)
-    yield made
-    await made.close()
 
 
 class RelayProcess:
@@ -243,7 +221,7 @@ async def test_rabbitmq_restart_mid_burst_relay_reconnects_and_publisher_fails_t
             try:
                 await asyncio.to_thread(rabbitmqctl, "stop_app")
                 during = len(servers.received())
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(2.0)  # the outage itself: RabbitMQ stays down this long
             finally:
                 await asyncio.to_thread(rabbitmqctl, "start_app")
                 await asyncio.to_thread(rabbitmqctl, "await_startup")

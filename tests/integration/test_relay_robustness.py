@@ -19,7 +19,9 @@ from relay.delivery.outcome import SendResult
 from relay.engines import open_engine
 from relay.engines.amqp import AmqpEngine
 from relay.render.mime import build_message
+from tests.brokers import declared, delete_topology
 from tests.doubles import RecordingMailer
+from tests.waiting import wait_until
 
 
 class BuggyMailer(RecordingMailer):
@@ -46,18 +48,22 @@ async def test_unexpected_errors_dead_letter_the_mail_and_do_not_wedge_the_consu
         relay = Relay(config, engine, mailer)
         stop = asyncio.Event()
         task = asyncio.create_task(relay.run(stop))
-        await asyncio.sleep(0.2)  # declared
-        # More failing mails than the outbound prefetch window (2 x pool_size), then a good one.
-        for _ in range(6):
-            await engine.send(outbound_queue("rb"), to_message(_mail("bug@example.test")))
-        good = _mail("ok@example.test")
-        await engine.send(outbound_queue("rb"), to_message(good))
-        for _ in range(100):
-            if mailer.sent and await engine.depth(dead_queue("rb")) == 6:
-                break
-            await asyncio.sleep(0.05)
-        stop.set()
-        await task
+
+        async def handled() -> bool:
+            return bool(mailer.sent) and await engine.depth(dead_queue("rb")) == 6
+
+        try:
+            await wait_until(lambda: declared(engine, outbound_queue("rb")), 5, what="the relay to declare")
+            # More failing mails than the outbound prefetch window (2 x pool_size), then a good one.
+            for _ in range(6):
+                await engine.send(outbound_queue("rb"), to_message(_mail("bug@example.test")))
+            good = _mail("ok@example.test")
+            await engine.send(outbound_queue("rb"), to_message(good))
+            await wait_until(handled, 5, what="six dead letters and the good mail sent",
+                             diagnostics=lambda: f"sent to {[m.recipients for m in mailer.sent]}")
+        finally:
+            stop.set()
+            await task
         assert [m.recipients for m in mailer.sent] == [("ok@example.test",)]
         assert await engine.depth(dead_queue("rb")) == 6
         assert await engine.depth(outbound_queue("rb")) == 0
@@ -105,11 +111,4 @@ async def test_a_connect_that_fails_after_the_connection_leaves_no_half_open_eng
 
 
 async def _delete(engine: AmqpEngine, prefix: str) -> None:
-    import aio_pika
-
-    connection = await aio_pika.connect(engine.url)
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(unrouted_queue(prefix))
-        await channel.exchange_delete(f"{prefix}.events")
-        await channel.exchange_delete(f"{prefix}.unrouted")
+    await delete_topology(engine.url, event_topology(prefix))

@@ -5,11 +5,9 @@ binding matches are kept in ``<prefix>.unrouted``. Also checks ``topic_matches``
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import aio_pika
 import pytest
 
 from relay.config.models import Config
@@ -19,7 +17,8 @@ from relay.contract.message import Message
 from relay.contract.names import events_exchange, subscription_queue, unrouted_queue
 from relay.contract.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology
 from relay.daemon.relay import relay_topology
-from relay.engines.amqp import AmqpEngine
+from relay.engines.base import Engine
+from tests.brokers import Broker
 from tests.unit.test_routing import TOPIC_CASES
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(30)]
@@ -72,39 +71,28 @@ CASES = {
 }
 UNROUTED = {"c", "l"}
 
-Declare = Callable[[Topology], Awaitable[AmqpEngine]]
-
-
-async def delete_topology(url: str, topology: Topology) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection, connection.channel() as channel:
-        for queue in reversed(topology.queues):
-            await channel.queue_delete(queue.name)
-        for exchange in reversed(topology.exchanges):
-            await channel.exchange_delete(exchange.name)
+Declare = Callable[[Topology], Awaitable[Engine]]
 
 
 @pytest.fixture
-async def declare(amqp_url: str) -> AsyncIterator[Declare]:
-    """Declares through a real AmqpEngine; closes it and deletes what was declared afterwards."""
-    engine = AmqpEngine(amqp_url)
-    declared: list[Topology] = []
+async def declare(amqp_url: str, prefix: str) -> AsyncIterator[Declare]:
+    """Declares through a real AMQP engine (tests/brokers.py closes it and deletes what was declared)."""
+    broker = Broker("amqp", amqp_url, prefix)
+    opened: list[Engine] = []
 
-    async def run(topology: Topology) -> AmqpEngine:
-        declared.append(topology)
-        await engine.declare(topology)
-        return engine
+    async def run(topology: Topology) -> Engine:
+        if not opened:
+            opened.append(await broker.open())
+        await broker.declare(opened[0], topology)
+        return opened[0]
 
     try:
         yield run
     finally:
-        await engine.close()
-        for topology in reversed(declared):
-            with contextlib.suppress(aio_pika.exceptions.AMQPException):
-                await delete_topology(amqp_url, topology)
+        await broker.cleanup()
 
 
-async def drain(engine: AmqpEngine, queue: str) -> list[Message]:
+async def drain(engine: Engine, queue: str) -> list[Message]:
     messages = []
     while (delivery := await engine.get(queue)) is not None:
         messages.append(delivery.message)

@@ -12,13 +12,15 @@ import pytest
 from typer.testing import CliRunner
 
 from relay.cli.app import app
-from tests.integration.faults import Broker, relay_settings, running_relay, to_config, wait_until, write_toml
+from tests.brokers import Broker
+from tests.integration.faults import relay_settings, running_relay, to_config, write_toml
 from tests.smtp_server import DEFAULT_PASSWORD, SmtpServer
+from tests.waiting import wait_until
 
 
 def test_send_test_mail_goes_through_the_relay(tmp_path: Path, smtp_server: SmtpServer,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    broker = Broker("sqlite", f"sqlite:///{(tmp_path / 'queue.db').absolute()}", "sendtest")
+    broker = Broker.for_test("sqlite", tmp_path, "sendtest")
     settings = relay_settings(broker, smtp_server)
     config_path = write_toml(settings, tmp_path / "opsrelay.toml")
 

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -34,12 +33,12 @@ from relay.daemon.relay import Relay
 from relay.delivery.smtp import SmtpPool
 from relay.engines import sqlite_rows
 from relay.engines.sqlite import SqliteEngine
-from tests.conftest import AMQP_URL, rabbitmq_reachable
+from tests.brokers import delete_topology
 from tests.smtp_server import SmtpServer
+from tests.waiting import wait_until
 
 BIN = Path(sysconfig.get_path("scripts"))
 SENDMAIL = BIN / "opsrelay-sendmail"
-T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,15 +119,6 @@ def one_line_error(result: subprocess.CompletedProcess[bytes], prog: str = "opsr
     return text
 
 
-async def eventually(predicate: Callable[[], T], within: float, what: str) -> T:
-    deadline = time.monotonic() + within
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {within}s for {what}")
-        await asyncio.sleep(0.02)
-    return value
-
-
 @asynccontextmanager
 async def running_relay(host: Host, *, wake_interval: float = 30.0) -> AsyncIterator[Relay]:
     """The relay on the host's queue; its fallback timer is long, so only a poke wakes it quickly."""
@@ -141,8 +131,8 @@ async def running_relay(host: Host, *, wake_interval: float = 30.0) -> AsyncIter
     task = asyncio.create_task(relay.run(stop))
     run_dir = Path(await asyncio.to_thread(os.path.realpath, host.db) + ".run")
     # Consuming = its wake socket is bound (a submission before that is found by the first take).
-    await eventually(lambda: run_dir.is_dir() and any(p.suffix == ".sock" for p in run_dir.iterdir()), 10,
-                     "the relay to listen for wake-ups")
+    await wait_until(lambda: run_dir.is_dir() and any(p.suffix == ".sock" for p in run_dir.iterdir()), 10,
+                     what="the relay to listen for wake-ups")
     try:
         yield relay
     finally:
@@ -282,10 +272,10 @@ async def test_the_relay_delivers_it_over_starttls_and_auth(host: Host, smtp_ser
         started = time.monotonic()
         result = await asyncio.to_thread(host.submit, "-t", "-i", "-f", "bot@example.test", data=MESSAGE)
         assert (result.returncode, result.stderr) == (0, b"")
-        [mail] = await eventually(lambda: smtp_server.received, 10, "the mail at the SMTP server")
+        [mail] = await wait_until(lambda: smtp_server.received, 10, what="the mail at the SMTP server")
         # The relay's own timer is 30 s: the submission's poke woke it.
         assert time.monotonic() - started < 5
-        await eventually(lambda: host.rows() == [], 5, "the outbound row to be acked")
+        await wait_until(lambda: host.rows() == [], 5, what="the outbound row to be acked")
     assert mail.tls and mail.auth_user == smtp_server.user
     assert mail.mail_from == "bot@example.test"
     assert sorted(mail.rcpt_tos) == sorted(RECIPIENTS)
@@ -302,13 +292,13 @@ async def test_smtp_down_at_submission_the_mail_arrives_once_it_is_back(tmp_path
         result = await asyncio.to_thread(host.submit, "root", data=b"Subject: while down\n\nstill here\n")
         assert (result.returncode, result.stderr) == (0, b"")
         # The relay tried, failed and parked it in its retry queue (backoff 100ms).
-        await eventually(lambda: host.rows(f"{prefix}.retry.100ms") or server.data_attempts, 10,
-                         "a failed attempt")
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: host.rows(f"{prefix}.retry.100ms") or server.data_attempts, 10,
+                         what="a failed attempt")
+        await asyncio.sleep(0.5)  # the server stays down a while: more attempts fail meanwhile
         assert server.received == []
         server.start()
         try:
-            [mail] = await eventually(lambda: server.received, 15, "the mail after the server came back")
+            [mail] = await wait_until(lambda: server.received, 15, what="the mail after the server came back")
         finally:
             server.stop()
     assert mail.rcpt_tos == ("ops@example.test",) and mail.mail_from == "alerts@example.test"
@@ -336,7 +326,7 @@ async def test_direct_mode_queues_on_a_temporary_failure(tmp_path: Path, prefix:
     server.start()
     try:
         async with running_relay(host):
-            [mail] = await eventually(lambda: server.received, 15, "the retried mail")
+            [mail] = await wait_until(lambda: server.received, 15, what="the retried mail")
     finally:
         server.stop()
     assert mail.content.endswith(b"\r\n\r\nlater\r\n")
@@ -437,32 +427,12 @@ def test_both_readers_refuse_the_same_bad_keys(tmp_path: Path, text: str, key: s
 
 
 @pytest.fixture
-def amqp_host(tmp_path: Path, prefix: str) -> Iterator[Host]:
-    if not rabbitmq_reachable():
-        message = f"RabbitMQ is not reachable at {AMQP_URL} (make test starts it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    host = Host(tmp_path, prefix, {"host": "127.0.0.1"}, broker_url=AMQP_URL)
+def amqp_host(tmp_path: Path, prefix: str, amqp_url: str) -> Iterator[Host]:
+    host = Host(tmp_path, prefix, {"host": "127.0.0.1"}, broker_url=amqp_url)
     yield host
-    import aio_pika
-
     from relay.contract.topology import full_topology
 
-    async def delete() -> None:
-        connection = await aio_pika.connect(AMQP_URL, timeout=5)
-        async with connection:
-            topology = full_topology(prefix, [], [])
-            for queue in topology.queues:
-                channel = await connection.channel()
-                async with channel:
-                    await channel.queue_delete(queue.name)
-            for exchange in topology.exchanges:
-                channel = await connection.channel()
-                async with channel:
-                    await channel.exchange_delete(exchange.name)
-
-    asyncio.run(delete())
+    asyncio.run(delete_topology(amqp_url, full_topology(prefix, [], [])))
 
 
 @pytest.mark.rabbitmq
@@ -472,7 +442,7 @@ def test_with_rabbitmq_the_mail_is_published_to_outbound(amqp_host: Host) -> Non
     from relay.engines import open_engine
 
     async def take() -> OutboundMail:
-        async with open_engine(AMQP_URL) as engine:
+        async with open_engine(amqp_host.url) as engine:
             delivery = await engine.get(amqp_host.outbound)
             assert delivery is not None
             await delivery.ack()

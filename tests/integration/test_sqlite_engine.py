@@ -25,6 +25,7 @@ from relay.contract.message import Message
 from relay.contract.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology
 from relay.engines.sqlite import SqliteEngine, db_path
 from relay.errors import BrokerUnavailable, ConfigError, ConfigurationError
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,7 +46,7 @@ async def main(url, queue, count, hold):
             if seen == count:
                 if hold:  # inside the loop: leaving it would return the deliveries
                     print("holding", flush=True)
-                    await asyncio.sleep(3600)
+                    await asyncio.sleep(3600)  # hold the leases until the test kills this process
                 break
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "hold"))
@@ -112,12 +113,13 @@ async def line(proc: asyncio.subprocess.Process) -> str:
     return raw.decode().strip()
 
 
-def wait_for_socket(run_dir: Path, timeout: float = 15.0) -> None:
+async def wait_for_socket(run_dir: Path, within: float = 15.0) -> None:
     """Until a consumer has bound its wake socket (so the next publish must poke it)."""
-    deadline = time.monotonic() + timeout
-    while not any(run_dir.glob("*.sock")):
-        assert time.monotonic() < deadline, "the consumer never started listening"
-        time.sleep(0.01)
+    await wait_until(lambda: any(run_dir.glob("*.sock")), within, what="the consumer to listen for wake-ups")
+
+
+async def more_than(engine: SqliteEngine, queue: str, count: int) -> bool:
+    return await engine.depth(queue) > count
 
 
 @contextmanager
@@ -157,15 +159,16 @@ async def test_a_consumer_in_another_process_is_woken_promptly(url: str, tmp_pat
     async with opened(url) as engine:
         await engine.declare(Topology(queues=(QueueSpec("jobs"),)))
         async with child(CONSUMER, url, "jobs", "5", "ack") as proc:
-            wait_for_socket(tmp_path / "queue.db.run")
-            await asyncio.sleep(0.2)  # let it go to sleep on its socket
+            await wait_for_socket(tmp_path / "queue.db.run")
+            # Let it go to sleep on its socket (not observable from here): a publish then has to wake it.
+            await asyncio.sleep(0.2)
             latencies = []
             for n in range(5):
                 await engine.send("jobs", Message(b"", f"m{n}", headers={"sent": repr(time.time())}))
                 message_id, latency = (await line(proc)).split()
                 assert message_id == f"m{n}"
                 latencies.append(float(latency))
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # pacing: it goes back to sleep before the next publish
             assert await proc.wait() == 0
     assert max(latencies) < 0.5, latencies
     with closing(sqlite3.connect(db_path(url))) as conn:
@@ -213,7 +216,8 @@ async def test_a_killed_publisher_leaves_only_whole_messages(url: str) -> None:
         await engine.declare(both)
         async with child(PUBLISHER, url, "fan", "p", "1000000") as proc:
             assert await line(proc) == "started"
-            await asyncio.sleep(0.4)
+            # Killed while it writes, once it has written more than a handful (asserted below).
+            await wait_until(lambda: more_than(engine, "left", 5), 15, what="the publisher to write some messages")
             proc.send_signal(signal.SIGKILL)
             assert await proc.wait() == -signal.SIGKILL
 
@@ -283,7 +287,7 @@ async def test_a_deep_directory_still_gets_wake_ups(tmp_path: Path) -> None:
         await engine.declare(Topology(queues=(QueueSpec("q"),)))
         deliveries = engine.consume("q")
         waiting = asyncio.ensure_future(anext(deliveries))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a negative check, and it goes to sleep on its socket meanwhile
         assert not waiting.done()
         async with opened(f"sqlite:///{deep}/queue.db") as publisher:
             started = time.monotonic()
@@ -302,7 +306,7 @@ async def test_a_sleeping_consumer_takes_a_dead_letter_when_its_ttl_ends(url: st
         await publisher.declare(topology)
         deliveries = consumer.consume("out")
         waiting = asyncio.ensure_future(anext(deliveries))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # let it go to sleep first (not observable): only the TTL may wake it
         started = time.monotonic()
         await publisher.send("retry", Message(b"later", "m1"))
         delivery = await asyncio.wait_for(waiting, 5)

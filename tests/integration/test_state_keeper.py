@@ -13,7 +13,8 @@ from relay.contract.topology import QueueSpec, Topology
 from relay.engines.base import Engine
 from relay.notify.keeper import StateKeeper
 from relay.notify.state import Outage, Pending, State
-from tests.integration.test_engine_contract import Broker, settled_depth
+from tests.brokers import Broker, settled_depth
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,15 +54,17 @@ async def test_single_active_consumer_stands_by_until_the_first_goes(broker: Bro
             seen.append(delivery.message.body.decode())
 
     one = asyncio.create_task(consume(engine, first_seen))
-    await asyncio.sleep(0.5)
+    # The first consumer is the active one once it has the messages; only then the second subscribes.
+    await wait_until(lambda: len(first_seen) >= 3, 10, what="the first consumer to get the three messages")
     two = asyncio.create_task(consume(second, second_seen))
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # a negative check: the consumer standing by must get nothing meanwhile
     assert sorted(first_seen) == ["m0", "m1", "m2"] and second_seen == []
     await _stop(one)  # unacked: they go back, to the consumer standing by
-    deadline = asyncio.get_running_loop().time() + 10
-    while len(second_seen) < 3 and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110  (a list, no event)
-        await asyncio.sleep(0.05)
-    await _stop(two)
+    try:
+        await wait_until(lambda: len(second_seen) >= 3, 10, what="the standby to get the three messages",
+                         diagnostics=lambda: f"it got {second_seen}")
+    finally:
+        await _stop(two)
     assert sorted(second_seen) == ["m0", "m1", "m2"]
 
 
@@ -77,7 +80,9 @@ async def test_saved_state_is_one_copy_and_a_restarted_keeper_loads_the_newest(b
         await keeper.save()
     keeper.state.outages["k"] = Outage(since="2026-11-27T10:00:00.000000Z", thread="<x@opsrelay.web1>")
     await keeper.save()
-    await asyncio.sleep(0.5)
+    # Each copy comes back to the keeper, which holds it and acks the one before.
+    await wait_until(lambda: keeper._held_seq == keeper._seq, 10, what="the keeper to hold its last saved copy",
+                     diagnostics=lambda: f"holds copy {keeper._held_seq}, saved {keeper._seq}")
     assert await settled_depth(engine, queue, 0) == 0  # the one copy is held, older ones acked
     await _stop(task)
     await engine.close()
@@ -120,7 +125,7 @@ async def test_a_second_relay_stands_by_then_takes_over_the_saved_state(broker: 
     await _state_queue(broker, standby_engine, prefix)  # as every relay declares its topology first
     standby = StateKeeper(standby_engine, queue)
     standby_task = asyncio.create_task(standby.run())
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # a negative check: the standby must not load while the owner holds the copy
     assert not standby.loaded.is_set()
     await _stop(owner_task)
     await engine.close()  # the owner's process ends: its held copy goes to the standby

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from relay.contract.names import dead_queue, events_exchange, outbound_queue, su
 from relay.daemon.relay import Relay
 from relay.engines.base import Engine
 from relay.errors import BrokerUnavailable
+from tests.brokers import Broker
 from tests.doubles import RecordingMailer
-from tests.integration.test_engine_contract import Broker
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,8 +44,20 @@ class RunningRelay:
         await asyncio.wait_for(self.task, 20)
 
 
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in record.getMessage() for record in caplog.records)
+
+
+def kept_for_a_digest(caplog: pytest.LogCaptureFixture, events: list[Event]) -> bool:
+    """Every one of ``events`` was taken into a relay's saved state (logged after the save, before the ack)."""
+    kept = [r.getMessage() for r in caplog.records if "kept for a digest" in r.getMessage()]
+    return all(any(e.id in line for line in kept) for e in events)
+
+
 @pytest.fixture
-async def start(broker: Broker, prefix: str) -> AsyncIterator[Callable[..., Any]]:
+async def start(broker: Broker, prefix: str,
+                caplog: pytest.LogCaptureFixture) -> AsyncIterator[Callable[..., Any]]:
+    caplog.set_level(logging.INFO, logger="opsrelay.relay")
     running: list[RunningRelay] = []
 
     async def go(mailer: RecordingMailer, **sub: Any) -> RunningRelay:
@@ -55,10 +69,25 @@ async def start(broker: Broker, prefix: str) -> AsyncIterator[Callable[..., Any]
         relay = Relay(config, engine, mailer, grace=5.0)
         stop = asyncio.Event()
         task = asyncio.create_task(relay.run(stop))
-        # Declared and owning its state once the consumers run.
-        await asyncio.sleep(0.5)
-        running.append(RunningRelay(relay, stop, task))
-        return running[-1]
+        started = RunningRelay(relay, stop, task)
+
+        def consuming() -> bool:
+            if task.done():
+                task.result()
+                raise AssertionError("the relay returned before it was stopped")
+            return logged(caplog, "relay: consuming") > len(running)
+
+        # Declared (what is published now is queued for it) once it says it consumes.
+        await wait_until(consuming, 10, what="the relay to declare its queues and consume")
+        if config.subscriptions[0].stateful:
+            others = [r for r in running if not r.task.done()]
+            if any("ops" in r.relay.owned for r in others):
+                # Standing by: nothing to wait for; a negative check that it does not take over.
+                await asyncio.sleep(0.5)
+            else:
+                await wait_until(lambda: relay.owned == {"ops"}, 10, what="the relay to own the subscription")
+        running.append(started)
+        return started
 
     yield go
     for r in reversed(running):
@@ -74,11 +103,8 @@ async def crash(engine: Engine, prefix: str, n: int) -> Event:
     return event
 
 
-async def wait_until(predicate: Callable[[], bool], seconds: float) -> None:
-    # Polling: the recording mailer has no event to wait on.
-    async with asyncio.timeout(seconds):
-        while not predicate():  # noqa: ASYNC110  (the recording mailer has no event)
-            await asyncio.sleep(0.05)
+async def depth_at_least(engine: Engine, queue: str, count: int) -> bool:
+    return await engine.depth(queue) >= count
 
 
 def text_of(raw: bytes) -> str:
@@ -89,17 +115,17 @@ def text_of(raw: bytes) -> str:
 
 
 async def test_a_digest_pending_at_stop_goes_out_once_complete_from_the_next_relay(
-        broker: Broker, prefix: str, start: Callable[..., Any]) -> None:
+        broker: Broker, prefix: str, start: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
     mailer = RecordingMailer()
     first = await start(mailer, group_wait="3s")
     publisher = await broker.open()
     events = [await crash(publisher, prefix, n) for n in range(4)]
-    await asyncio.sleep(1.0)
+    await wait_until(lambda: kept_for_a_digest(caplog, events), 10, what="the first relay to keep the four events")
     await first.end()
     assert mailer.sent == []
     await start(mailer, group_wait="3s")
-    await wait_until(lambda: len(mailer.sent) >= 1, 15)
-    await asyncio.sleep(1.5)
+    await wait_until(lambda: len(mailer.sent) >= 1, 15, what="the digest")
+    await asyncio.sleep(1.5)  # a negative check: no second digest may follow
     [digest] = mailer.sent
     text = text_of(digest.raw)
     assert all(str(e.pid) in text or e.at[11:19] in text for e in events)
@@ -116,13 +142,13 @@ async def test_two_relays_one_owner_and_the_standby_takes_over(
     for n in range(3):
         await crash(publisher, prefix, n)
     sent = lambda: len(mailer_a.sent) + len(mailer_b.sent)  # noqa: E731  (both deliver from outbound)
-    await wait_until(lambda: sent() == 3, 10)
+    await wait_until(lambda: sent() == 3, 10, what="three mails")
     await a.end()
-    await wait_until(lambda: b.relay.owned == {"ops"}, 15)
+    await wait_until(lambda: b.relay.owned == {"ops"}, 15, what="the standby to take over")
     for n in range(3, 5):
         await crash(publisher, prefix, n)
-    await wait_until(lambda: sent() == 5, 15)
-    await asyncio.sleep(1.0)
+    await wait_until(lambda: sent() == 5, 15, what="five mails")
+    await asyncio.sleep(1.0)  # a negative check: no duplicate may follow
     assert sent() == 5
 
 
@@ -144,9 +170,9 @@ async def test_an_event_whose_mail_could_not_be_queued_is_mailed_on_redelivery(
     engine.send = send_failing_once  # type: ignore[method-assign]
     publisher = await broker.open()
     event = await crash(publisher, prefix, 1)
-    await wait_until(lambda: len(mailer.sent) == 1, 15)
+    await wait_until(lambda: len(mailer.sent) == 1, 15, what="the mail on redelivery")
     assert failures and event.id.encode() in mailer.sent[0].raw
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # a negative check: no second mail may follow
     assert len(mailer.sent) == 1
 
 
@@ -158,7 +184,7 @@ async def test_a_digest_whose_template_fails_on_real_events_is_dead_lettered_and
     publisher = await broker.open()
     events = [await crash(publisher, prefix, n) for n in range(2)]
     dead = dead_queue(prefix)
-    await wait_until_async(lambda: publisher.depth(dead), 2, 15)
+    await wait_until(lambda: depth_at_least(publisher, dead, 2), 15, what="two dead letters")
     assert not running.task.done() and mailer.sent == []
     ids = set()
     while (delivery := await publisher.get(dead)) is not None:
@@ -169,14 +195,8 @@ async def test_a_digest_whose_template_fails_on_real_events_is_dead_lettered_and
     assert ids == {e.id for e in events}
     # The relay still works: a single event (no digest template involved) is mailed.
     lone = await crash(publisher, prefix, 9)
-    await wait_until(lambda: len(mailer.sent) == 1, 15)
+    await wait_until(lambda: len(mailer.sent) == 1, 15, what="the lone event's mail")
     assert f"X-Opsrelay-Event: {lone.id}".encode() in mailer.sent[0].raw
-
-
-async def wait_until_async(count: Callable[[], Any], expected: int, seconds: float) -> None:
-    async with asyncio.timeout(seconds):
-        while await count() < expected:  # noqa: ASYNC110  (a queue depth: nothing to wait on)
-            await asyncio.sleep(0.05)
 
 
 async def test_a_subscription_that_dropped_its_digests_says_what_state_it_left(
@@ -184,8 +204,8 @@ async def test_a_subscription_that_dropped_its_digests_says_what_state_it_left(
     mailer = RecordingMailer()
     first = await start(mailer, group_wait="60s")
     publisher = await broker.open()
-    await crash(publisher, prefix, 1)
-    await asyncio.sleep(1.0)
+    event = await crash(publisher, prefix, 1)
+    await wait_until(lambda: kept_for_a_digest(caplog, [event]), 10, what="the relay to keep the event")
     await first.end()
     await start(mailer)  # the same subscription, now one mail per event
     assert f"{prefix}.state.ops holds state saved when this subscription had digests" in caplog.text

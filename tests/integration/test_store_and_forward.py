@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import aio_pika
 import pytest
 
 from listeners.factory import make_publisher
@@ -30,8 +29,10 @@ from relay.contract.event import Event, decode_event
 from relay.contract.names import events_exchange
 from relay.contract.topology import BindingSpec, QueueSpec, Topology, event_topology
 from relay.engines.amqp import AmqpEngine
-from tests.e2e.harness import Program, Supervisor, wait_for
+from tests.brokers import delete_topology
+from tests.e2e.harness import Program, Supervisor
 from tests.smtp_server import SmtpServer
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(90)]
 
@@ -97,19 +98,7 @@ def probe_events(url: str, prefix: str) -> list[Event]:
 
 
 def delete(url: str, prefix: str) -> None:
-    topology = probe_topology(prefix)
-
-    async def go() -> None:
-        connection = await aio_pika.connect(url, timeout=5)
-        async with connection:
-            for queue in topology.queues:
-                async with await connection.channel() as channel:
-                    await channel.queue_delete(queue.name)
-            for exchange in topology.exchanges:
-                async with await connection.channel() as channel:
-                    await channel.exchange_delete(exchange.name)
-
-    asyncio.run(go())
+    asyncio.run(delete_topology(url, probe_topology(prefix)))
 
 
 def new_event(i: int) -> Event:
@@ -206,7 +195,7 @@ def test_a_crash_loop_during_an_outage_loses_no_event(
         declare(amqp_url, prefix)
         rabbit.stop()
         sv.ctl("start", *CRASHERS, check=True)
-        time.sleep(10)
+        time.sleep(10)  # the outage: the programs crash-loop this long while RabbitMQ is stopped
         stop_all(sv, CRASHERS)
         log = sv.supervisord_log()
         assert "overflowed" not in log

@@ -13,16 +13,12 @@ does not), and a key of one empty word cannot be written any other way, so it is
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import uuid
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
-from pathlib import Path
 from typing import Any, TypeVar
 
-import aio_pika
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -30,10 +26,8 @@ from hypothesis import strategies as st
 from relay.contract.keys import topic_matches
 from relay.contract.message import Message
 from relay.contract.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology
-from relay.engines.amqp import AmqpEngine
 from relay.engines.base import Engine
-from relay.engines.sqlite import SqliteEngine
-from tests.conftest import AMQP_URL, rabbitmq_reachable
+from tests.brokers import Broker, require_rabbitmq, sqlite_url
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(90)]
 
@@ -52,75 +46,53 @@ patterns = dotted(st.sampled_from(PATTERN_WORDS))
 
 
 @dataclass
-class Brokers:
+class SideBySide:
     """RabbitMQ and a SQLite queue driven from one private loop, so one AMQP connection serves every example."""
 
     loop: asyncio.AbstractEventLoop
-    amqp: AmqpEngine
-    sqlite: SqliteEngine
-    admin: aio_pika.abc.AbstractRobustConnection
-    prefix: str
+    rabbit: Broker
+    embedded: Broker
+    amqp: Engine
+    sqlite: Engine
     _serial: Iterator[int] = field(default_factory=count)
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         return self.loop.run_until_complete(coro)
 
     def next_name(self) -> str:
-        return f"{self.prefix}.x{next(self._serial)}"
+        return f"{self.rabbit.prefix}.x{next(self._serial)}"
 
     @property
     def nowhere(self) -> str:
-        return f"{self.prefix}.nowhere"
-
-    async def delete(self, topology: Topology) -> None:
-        """Undo ``topology`` on RabbitMQ (the SQLite file goes with its tmp dir)."""
-        for queue in reversed(topology.queues):
-            async with self.admin.channel() as channel:  # a failed delete closes its channel
-                await channel.queue_delete(queue.name)
-        for exchange in reversed(topology.exchanges):
-            async with self.admin.channel() as channel:
-                await channel.exchange_delete(exchange.name)
+        return f"{self.rabbit.prefix}.nowhere"
 
 
 @pytest.fixture(scope="module")
-def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brokers]:
-    if not rabbitmq_reachable():
-        message = f"RabbitMQ is not reachable at {AMQP_URL} (make test starts it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    loop = asyncio.new_event_loop()
-    db: Path = tmp_path_factory.mktemp("topics") / "queue.db"
+def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SideBySide]:
+    # Module-scoped (one loop and one connection for every Hypothesis example): the function-scoped
+    # broker fixture cannot serve, the Broker helper can.
     prefix = f"t{uuid.uuid4().hex[:10]}"
-    amqp, sqlite = AmqpEngine(AMQP_URL), SqliteEngine(f"sqlite:///{db.absolute()}")
+    rabbit = Broker("amqp", require_rabbitmq(), prefix)
+    embedded = Broker("sqlite", sqlite_url(tmp_path_factory.mktemp("topics") / "queue.db"), prefix)
     nowhere = f"{prefix}.nowhere"
     catch_all = Topology(
         exchanges=(ExchangeSpec(nowhere, ExchangeKind.FANOUT),),
         queues=(QueueSpec(nowhere),),
         bindings=(BindingSpec(nowhere, nowhere, "#"),),
     )
+    loop = asyncio.new_event_loop()
 
-    async def start() -> aio_pika.abc.AbstractRobustConnection:
-        await amqp.connect()
-        await sqlite.connect()
-        for engine in (amqp, sqlite):
-            await engine.declare(catch_all)
-        return await aio_pika.connect_robust(AMQP_URL)
+    async def start() -> SideBySide:
+        amqp, sqlite = await rabbit.open(), await embedded.open()
+        for broker, engine in ((rabbit, amqp), (embedded, sqlite)):
+            await broker.declare(engine, catch_all)
+        return SideBySide(loop, rabbit, embedded, amqp, sqlite)
 
-    admin = loop.run_until_complete(start())
-    found = Brokers(loop, amqp, sqlite, admin, prefix)
     try:
-        yield found
+        yield loop.run_until_complete(start())
     finally:
-
-        async def stop() -> None:
-            with contextlib.suppress(aio_pika.exceptions.AMQPException):
-                await found.delete(catch_all)
-            await admin.close()
-            await amqp.close()
-            await sqlite.close()
-
-        loop.run_until_complete(stop())
+        loop.run_until_complete(rabbit.cleanup())
+        loop.run_until_complete(embedded.cleanup())
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
@@ -144,7 +116,7 @@ async def route(engine: Engine, topology: Topology, exchange: str, nowhere: str,
     return got, await drain(engine, nowhere)
 
 
-def compare(brokers: Brokers, patterns: Sequence[str], keys: Sequence[str]) -> None:
+def compare(brokers: SideBySide, patterns: Sequence[str], keys: Sequence[str]) -> None:
     exchange = brokers.next_name()
     queues = {p: f"{exchange}.q{i}" for i, p in enumerate(patterns)}
     topology = Topology(
@@ -157,7 +129,7 @@ def compare(brokers: Brokers, patterns: Sequence[str], keys: Sequence[str]) -> N
         try:
             rabbit = await route(brokers.amqp, topology, exchange, brokers.nowhere, keys)
         finally:
-            await brokers.delete(topology)
+            await brokers.rabbit.delete(topology)
         return rabbit, await route(brokers.sqlite, topology, exchange, brokers.nowhere, keys)
 
     (rabbit, rabbit_unrouted), (embedded, embedded_unrouted) = brokers.run(both())
@@ -178,5 +150,5 @@ def compare(brokers: Brokers, patterns: Sequence[str], keys: Sequence[str]) -> N
 # Known edges, always run: empty key and words, # next to * and to another #, # at either end.
 @example(patterns=["#", "*", "", "#.*", "*.#", "#.#", "#.#.a", "a.#.#", "#.", ".#", "*.", ".*", "#..#"],
          keys=["", ".", "..", "a", "a.", ".a", "a..b", "b.a.b"])
-def test_topic_routing_equals_rabbitmq(brokers: Brokers, patterns: list[str], keys: list[str]) -> None:
+def test_topic_routing_equals_rabbitmq(brokers: SideBySide, patterns: list[str], keys: list[str]) -> None:
     compare(brokers, patterns, keys)

@@ -32,12 +32,14 @@ from relay.contract.keys import event_key
 from relay.contract.message import Message
 from relay.contract.names import spool_name
 from relay.errors import BrokerUnavailable, RelayError
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "opsrelay"
 CONFIRM = 0.5
+WAIT = 5.0  # seconds a test waits for the forwarder
 
 
 class FakeBroker:
@@ -59,7 +61,7 @@ class FakeBroker:
         confirmed = False
         try:
             if not self.up:
-                time.sleep(min(self.hang, timeout))
+                time.sleep(min(self.hang, timeout))  # a broker that never confirms: the try costs this long
                 raise BrokerUnavailable("fake broker: connection refused")
             self.entered.set()
             if not self.gate.wait(timeout):
@@ -87,14 +89,6 @@ class FakeBroker:
 def new_event(i: int, *, tail: str | None = None) -> Event:
     return Event(host="web1", group="workers", process=f"w.{i}", event="PROCESS_STATE_EXITED",
                  state="EXITED", from_state="RUNNING", expected=False, pid=1000 + i, log_tail=tail)
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout}s for {what}")
-        time.sleep(0.01)
 
 
 def rows(path: Path) -> int:
@@ -159,7 +153,7 @@ def test_order_is_kept_across_an_outage(make: Callable[..., SpoolingPublisher], 
     broker.up = True
     for event in events[7:]:
         publisher.publish(event)
-    wait_until(lambda: publisher.pending == 0, what="the spool to drain")
+    wait_for(lambda: publisher.pending == 0, WAIT, what="the spool to drain")
     assert_forwarded_intact(broker, events)
     assert rows(spool_path) == 0
 
@@ -185,7 +179,7 @@ def test_new_events_go_behind_spooled_ones_while_the_head_is_in_flight(
     assert len(broker.calls_from(main)) == 1
     assert rows(spool_path) == 6
     broker.gate.set()
-    wait_until(lambda: publisher.pending == 0, what="the spool to drain")
+    wait_for(lambda: publisher.pending == 0, WAIT, what="the spool to drain")
     assert_forwarded_intact(broker, events)
 
 
@@ -201,11 +195,11 @@ def test_a_row_leaves_the_spool_only_after_the_confirm(
     assert broker.entered.wait(5.0)
     assert rows(spool_path) == 3  # leased for forwarding, still on disk
     # The confirm never comes: the forwarder gives up on this try and keeps the row.
-    wait_until(lambda: any(not ok for thread, _, ok in broker.calls if thread == "opsrelay-forwarder"),
-               what="a forward without a confirm")
+    wait_for(lambda: any(not ok for thread, _, ok in broker.calls if thread == "opsrelay-forwarder"), WAIT,
+             what="a forward without a confirm")
     assert rows(spool_path) == 3 and publisher.pending == 3 and broker.received == []
     broker.gate.set()
-    wait_until(lambda: publisher.pending == 0, what="the spool to drain")
+    wait_for(lambda: publisher.pending == 0, WAIT, what="the spool to drain")
     assert rows(spool_path) == 0
     assert_forwarded_intact(broker, events)
 
@@ -222,7 +216,7 @@ def test_spooled_events_are_forwarded_by_the_next_listener(
 
     broker = FakeBroker()
     second = make(broker)  # forwards the earlier rows without waiting for an event
-    wait_until(lambda: second.pending == 0, what="the earlier spool to drain")
+    wait_for(lambda: second.pending == 0, WAIT, what="the earlier spool to drain")
     second.publish(events[4])
     assert_forwarded_intact(broker, events)
     assert rows(spool_path) == 0
@@ -234,7 +228,7 @@ CHILD = textwrap.dedent("""
     from relay.errors import BrokerUnavailable
     from relay.contract.event import Event
 
-    class Broker:
+    class StuckBroker:  # refuses until up, then never confirms
         up = False
         def send(self, key, message, *, timeout):
             if not self.up:
@@ -244,7 +238,7 @@ CHILD = textwrap.dedent("""
         def close(self):
             pass
 
-    broker = Broker()
+    broker = StuckBroker()
     publisher = SpoolingPublisher(broker, Spool(sys.argv[1], "opsrelay"), confirm_timeout=3600,
                                   first_backoff=0.01, max_backoff=0.01)
     for i in range(3):
@@ -252,7 +246,7 @@ CHILD = textwrap.dedent("""
         publisher.publish(event)
         print(event.id, flush=True)
     broker.up = True
-    time.sleep(3600)
+    time.sleep(3600)  # the forwarder thread runs meanwhile, until the test kills this process
 """)
 
 
@@ -274,7 +268,7 @@ def test_a_listener_killed_mid_forward_loses_nothing(make: Callable[..., Spoolin
 
     broker = FakeBroker()
     publisher = make(broker)
-    wait_until(lambda: publisher.pending == 0, what="the dead listener's spool to drain")
+    wait_for(lambda: publisher.pending == 0, WAIT, what="the dead listener's spool to drain")
     assert broker.ids == ids
     assert rows(spool_path) == 0
 
@@ -327,7 +321,7 @@ def test_when_the_spool_cannot_be_written_either_the_answer_is_fail(
 
     up = FakeBroker()
     after = make(up)
-    wait_until(lambda: after.pending == 0, what="the spool to drain")
+    wait_for(lambda: after.pending == 0, WAIT, what="the spool to drain")
     assert [decode_event(m.body).process for _, m in up.received] == ["p0", "p1"]
 
 
@@ -404,7 +398,7 @@ def test_a_dead_forwarder_ends_the_listener(make: Callable[..., SpoolingPublishe
     publisher = make(broker)
     publisher.publish(new_event(0))
     broker.up = True
-    wait_until(lambda: publisher._crashed is not None, what="the forwarder to die")
+    wait_for(lambda: publisher._crashed is not None, WAIT, what="the forwarder to die")
     with pytest.raises(RuntimeError, match="forwarder"):
         publisher.publish(new_event(1))
     with pytest.raises(RuntimeError, match="forwarder"):
