@@ -15,7 +15,9 @@ pydantic in ``relay.config.models``), so the rest of the code decides on our cla
     │   └── MessageDecodeError
     ├── ConfigurationError        our fault or the smarthost's, never the mail's: fail at start,
     │   ├── ConfigError           or during delivery hold the mail and alert, never dead-letter it
-    │   └── SMTPSecurityError     (STARTTLS not offered, certificate refused, AUTH rejected)
+    │   ├── SMTPSecurityError     (STARTTLS not offered, certificate refused, AUTH or XOAUTH2 rejected)
+    │   ├── TokenError            (the OAuth2 token endpoint or token_command refused or is down)
+    │   └── SMTPQuotaError        (the smarthost says our sending quota or rate is used up)
     └── ProtocolError             a peer broke its protocol (supervisord eventlistener stream)
 """
 
@@ -31,15 +33,20 @@ __all__ = [
     "RelayError",
     "SMTPConnectError",
     "SMTPPermanentError",
+    "SMTPQuotaError",
     "SMTPSecurityError",
     "SMTPTemporaryError",
     "SMTPTimeoutError",
+    "TokenError",
     "TransientError",
 ]
 
 
 class RelayError(Exception):
     """Root of every error opsrelay raises on purpose."""
+
+    # The smarthost (``host:port``) whose answer this is, when a delivery attempt raised it.
+    smarthost: str = ""
 
 
 class TransientError(RelayError):
@@ -99,6 +106,21 @@ class MessageDecodeError(PermanentError, ValueError):
 
 class SMTPSecurityError(ConfigurationError):
     """TLS or AUTH could not be set up as configured; nothing was sent."""
+
+
+class TokenError(ConfigurationError):
+    """No OAuth2 access token could be had: the endpoint refused us or is down, the command failed.
+
+    Never the mail's fault: delivery is held until it is fixed. The text never holds a secret.
+    """
+
+
+class SMTPQuotaError(ConfigurationError, SMTPReplyMixin):
+    """The smarthost refused mail because our sending quota or rate is used up (not the recipient's fault)."""
+
+    def __init__(self, code: int, reply: str) -> None:
+        super().__init__(f"sending quota or rate exceeded: {code} {reply}")
+        self._set_reply(code, reply)
 
 
 class ConfigError(ConfigurationError, ValueError):

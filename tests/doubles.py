@@ -44,7 +44,8 @@ class RecordingMailer:
     def refuse(self, recipient: str, code: int, text: str) -> None:
         self.refusals[recipient] = Reply(code, text)
 
-    async def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> SendResult:
+    async def send(self, sender: str, recipients: Sequence[str], raw: bytes, *,
+                   budget: object = None) -> SendResult:
         mail = SentMail(sender, tuple(recipients), raw)
         self.attempts.append(mail)
         if self.outcomes:

@@ -29,6 +29,7 @@ from relay.cli.common import (
     setup_logging,
 )
 from relay.config.models import Config, load_config
+from relay.config.smarthost import SmarthostConfig
 from relay.errors import ConfigurationError, RelayError
 
 __all__ = ["app", "main", "queues"]
@@ -107,7 +108,7 @@ def serve(config: ConfigOption = None,
     cfg = config_or_exit(config)
     setup_logging(verbose)
     from relay.daemon.serve import serve_forever
-    from relay.delivery.smtp import SmtpPool
+    from relay.delivery.smarthosts import Smarthosts
     from relay.render.renderer import Renderer
 
     try:
@@ -120,7 +121,7 @@ def serve(config: ConfigOption = None,
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        mailer = SmtpPool(cfg.smtp)
+        mailer = Smarthosts(cfg.smtp)
         try:
             await serve_forever(cfg, mailer, stop, renderer=renderer)
         finally:
@@ -149,10 +150,11 @@ def check(config: ConfigOption = None,
     report: dict[str, Any] = {
         "host": cfg.host,
         "broker": mask_url(cfg.broker.url),
-        "smtp": f"{cfg.smtp.host}:{cfg.smtp.effective_port} ({cfg.smtp.security.value}, "
-                f"{'AUTH as ' + cfg.smtp.username if cfg.smtp.username else 'no AUTH'})",
+        "smtp": _describe(cfg.smtp),
         "subscriptions": {s.name: {"to": list(s.to), "bindings": list(s.bindings())} for s in cfg.subscriptions},
     }
+    if cfg.smtp.fallback:
+        report["fallback"] = [_describe(f) for f in cfg.smtp.fallback]
     if cfg.smtp.ssmtp_conf is not None:
         from relay.config.models import ssmtp_notes
 
@@ -164,6 +166,8 @@ def check(config: ConfigOption = None,
         typer.echo(json.dumps(report, indent=2))
     else:
         typer.echo(f"config ok: host {report['host']}, broker {report['broker']}, smtp {report['smtp']}")
+        for n, fallback in enumerate(report.get("fallback", []), 1):
+            typer.echo(f"  fallback {n}: {fallback}")
         for name, sub in report["subscriptions"].items():
             typer.echo(f"  subscription {name} -> {', '.join(sub['to'])}: {' '.join(sub['bindings'])}")
         for note in report.get("ssmtp", []):
@@ -174,8 +178,18 @@ def check(config: ConfigOption = None,
         raise typer.Exit(EX_UNAVAILABLE)
 
 
+def _describe(host: SmarthostConfig) -> str:
+    """A smarthost in one line, no secret: where, TLS, and how we authenticate."""
+    if host.oauth2 is not None:
+        auth = f"XOAUTH2 as {host.username}, token from {host.oauth2.source}"
+    else:
+        auth = f"AUTH as {host.username}" if host.username else "no AUTH"
+    budget = ", ".join(f"{n} per {w}" for w, n in (("minute", host.max_per_minute), ("day", host.max_per_day)) if n)
+    return f"{host.name} ({host.security.value}, {auth}{', at most ' + budget if budget else ''})"
+
+
 async def _probe(cfg: Config) -> tuple[dict[str, str], bool]:
-    from relay.delivery.smtp import SmtpPool
+    from relay.delivery.smarthosts import Smarthosts
     from relay.engines import open_engine
 
     results: dict[str, str] = {}
@@ -188,15 +202,18 @@ async def _probe(cfg: Config) -> tuple[dict[str, str], bool]:
         results["broker"], failed = f"FAILED: {exc}", True
     finally:
         await engine.close()
-    pool = SmtpPool(cfg.smtp)
+    mailer = Smarthosts(cfg.smtp)
     try:
-        info = await pool.check()
-        results["smtp"] = (f"ok: {info.host}:{info.port}, tls={'yes' if info.tls else 'no'}, "
-                           f"auth={'yes' if info.authenticated else 'no'}")
-    except RelayError as exc:
-        results["smtp"], failed = f"FAILED: {exc}", True
+        for n, (name, info) in enumerate(await mailer.check_all()):
+            part = "smtp" if n == 0 else f"smtp fallback {name}"
+            if isinstance(info, Exception):
+                results[part], failed = f"FAILED: {info}", True
+                continue
+            auth = info.mechanism + (f" (token from {info.token_source})" if info.token_source else "")
+            results[part] = (f"ok: {info.host}:{info.port}, tls={'yes' if info.tls else 'no'}, "
+                             f"auth={'yes' if info.authenticated else 'no'}, mechanism={auth}")
     finally:
-        await pool.close()
+        await mailer.close()
     return results, failed
 
 
@@ -269,6 +286,38 @@ def sendmail(ctx: typer.Context) -> None:
     # sendmail's argv exactly as given: click would swallow "--" and re-read "-f" words.
     argv = sys.argv[sys.argv.index("sendmail") + 1:] if "sendmail" in sys.argv else ctx.args
     raise typer.Exit(run(["opsrelay sendmail", *argv], sys.stdin.buffer, sys.stderr))
+
+
+oauth2_app = typer.Typer(no_args_is_help=True, help="OAuth2 for XOAUTH2 smarthosts (Gmail, Microsoft 365).")
+app.add_typer(oauth2_app, name="oauth2")
+
+
+@oauth2_app.command("login")
+def oauth2_login(config: ConfigOption = None,
+                 smarthost: Annotated[str | None, typer.Option(
+                     "--smarthost", help="host:port of the smarthost whose [oauth2] to use (default: the first "
+                                         "with a refresh_token grant)")] = None) -> None:
+    """Grant opsrelay access once: open the printed URL, paste the code; the refresh token goes to
+    refresh_token_file (mode 0600)."""
+    from relay.config.smarthost import Grant
+    from relay.delivery.oauth2 import authorization_url, exchange_code
+    from relay.errors import TokenError
+
+    cfg = config_or_exit(config)
+    chosen = [h for h in cfg.smtp.smarthosts if h.oauth2 is not None and h.oauth2.grant is Grant.REFRESH_TOKEN
+              and (smarthost is None or h.name == smarthost)]
+    if not chosen or chosen[0].oauth2 is None:
+        fail("no smarthost with [oauth2] grant = 'refresh_token'" + (f" named {smarthost}" if smarthost else ""),
+             EX_USAGE)
+    oauth = chosen[0].oauth2
+    try:
+        typer.echo(f"Open this URL, sign in as {chosen[0].username} and allow access:\n\n  "
+                   f"{authorization_url(oauth)}\n", err=True)
+        code = typer.prompt("Then paste the code here", hide_input=True, err=True)
+        asyncio.run(exchange_code(oauth, code))
+    except TokenError as exc:
+        fail(str(exc), EX_TEMPFAIL)
+    typer.echo(f"refresh token written to {oauth.refresh_token_file} (mode 0600)")
 
 
 def main() -> None:

@@ -51,7 +51,8 @@ def queue_command(config: ConfigOption = None, as_json: JsonOption = False) -> N
     outbound = outbound_queue(cfg.broker.prefix)
     delays = [q.ttl_ms for q in relay_topology(cfg).queues if q.ttl_ms is not None and q.dead_letter_to == outbound]
     subs = [s.name for s in cfg.subscriptions]
-    stats = with_engine(cfg, lambda engine: queue_stats(engine, cfg.broker.prefix, delays, subs))
+    stats = with_engine(cfg, lambda engine: queue_stats(engine, cfg.broker.prefix, delays, subs,
+                                                         cfg.smtp.smarthosts))
     if as_json:
         echo_json(stats.to_dict())
         return
@@ -60,6 +61,10 @@ def queue_command(config: ConfigOption = None, as_json: JsonOption = False) -> N
         faults.setdefault(held.fault, []).append(held.id)
     for fault, ids in faults.items():
         typer.echo(f"DELIVERY HELD: {fault} ({len(ids)} mail(s) wait until the smarthost or config is fixed)")
+    for budget in stats.budgets:
+        if budget.until is not None:
+            typer.echo(f"waiting for the sending budget of {budget.smarthost} until {_local(budget.until)} "
+                       f"({budget.used} of {budget.limit} per {budget.window} used)")
     width = max(len(q.name) for q in stats.queues)
     for q in stats.queues:
         ready = "-" if q.ready is None else str(q.ready)
@@ -124,7 +129,8 @@ def dlq_show(dead_id: Annotated[str, typer.Argument(metavar="ID", help="a dead-l
         if detail["history"]:
             typer.echo("history:")
         for i, attempt in enumerate(detail["history"], 1):
-            typer.echo(f"  {i}. {attempt['at']}  {', '.join(attempt['recipients'])}: {attempt['reply']}")
+            via = f" (via {attempt['smarthost']})" if attempt["smarthost"] else ""
+            typer.echo(f"  {i}. {attempt['at']}  {', '.join(attempt['recipients'])}: {attempt['reply']}{via}")
         typer.echo("--- message ---")
         # Mail travels with CRLF line ends (RFC 5322); a terminal wants LF.
         typer.echo(detail["message"].replace("\r\n", "\n").rstrip("\n"))
@@ -232,3 +238,10 @@ def unrouted_replay(config: ConfigOption = None, as_json: JsonOption = False) ->
                "(what no subscription matches)")
 
 
+
+
+def _local(unix: float) -> str:
+    """A time for a person: local, to the second, with its UTC offset."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(unix).astimezone().isoformat(timespec="seconds")

@@ -20,7 +20,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -36,12 +35,12 @@ from relay.config.rules import (
     check_sender,
     parse_size,
 )
+from relay.config.smarthost import DEFAULT_PORTS, OAuth2Config, Security, SmarthostConfig
 from relay.contract.event import STATES
 from relay.contract.urls import (
     check_broker_url,
     default_queue_url,
     default_spool_url,
-    is_loopback,
     is_sqlite,
     mask_url,
 )
@@ -49,14 +48,17 @@ from relay.errors import ConfigError
 from relay.notify.selector import Selector
 
 __all__ = [
+    "DEFAULT_PORTS",
     "BrokerConfig",
     "Config",
     "GroupBy",
     "ListenerConfig",
+    "OAuth2Config",
     "RetryConfig",
     "Security",
     "SendmailConfig",
     "SendmailMode",
+    "SmarthostConfig",
     "SmtpConfig",
     "Subscription",
     "load_config",
@@ -73,15 +75,6 @@ _RESERVED_HEADERS = frozenset({
 Duration = Annotated[float, BeforeValidator(check_duration)]
 Name = Annotated[str, BeforeValidator(check_name)]
 Size = Annotated[int, BeforeValidator(parse_size)]
-
-
-class Security(StrEnum):
-    STARTTLS = "starttls"
-    TLS = "tls"
-    NONE = "none"
-
-
-DEFAULT_PORTS = {Security.STARTTLS: 587, Security.TLS: 465, Security.NONE: 25}
 
 
 class _Strict(BaseModel):
@@ -116,53 +109,32 @@ class BrokerConfig(_Strict):
         return check_broker_url(url)
 
 
-def _empty_is_none(value: object) -> object:
-    """``ca_file = ""`` means no extra CA, as in the design's example."""
-    return None if value == "" else value
+class SmtpConfig(SmarthostConfig):
+    """``[smtp]``: the primary smarthost, what every mail gets (from, pool), and the fallbacks."""
 
-
-class SmtpConfig(_Strict):
-    host: str = "localhost"
-    port: int | None = Field(default=None, ge=1, le=65535)
-    security: Security = Security.STARTTLS
-    username: str = ""
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    ca_file: Annotated[Path | None, BeforeValidator(_empty_is_none)] = None
     from_: Annotated[str, BeforeValidator(check_sender)] = Field(default="", alias="from")
-    timeout: Duration = 30.0
     pool_size: int = Field(default=2, ge=1, le=32)
-    helo: str | None = None
     # An ssmtp.conf (and the revaliases beside it) whose values fill what is unset here;
     # merged in load_config, before validation (see relay.config.ssmtp).
     ssmtp_conf: Path | None = None
+    # Tried in order when the one before cannot take mail (down, TLS, AUTH, 421, MAIL FROM refused).
+    fallback: tuple[SmarthostConfig, ...] = ()
+    # A smarthost that failed is skipped this long, then tried first again.
+    failback: Duration = Field(default=300.0, gt=0)
 
-    @model_validator(mode="after")
-    def _credentials(self) -> SmtpConfig:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("set either password or password_file, not both")
-        if self.password_file is not None:
-            try:
-                secret = self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ValueError(f"password_file {str(self.password_file)!r} cannot be read: "
-                                 f"{exc.strerror or exc}") from None
-            object.__setattr__(self, "password", SecretStr(secret))
-        if self.ca_file is not None and not self.ca_file.is_file():
-            raise ValueError(f"ca_file {str(self.ca_file)!r} does not exist")
-        # No mail and no credentials over clear text: 'none' only to a relay on this host.
-        if self.security is Security.NONE and not is_loopback(self.host):
-            raise ValueError("security = 'none' would send mail (and any password) in clear text to "
-                             f"{self.host!r}; use starttls or tls ('none' is only for a loopback host)")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _fallbacks_inherit_timeout_and_helo(cls, data: object) -> object:
+        """A fallback names its own connection; of [smtp] it takes only timeout and helo."""
+        if isinstance(data, dict) and isinstance(data.get("fallback"), list | tuple):
+            inherited = {k: data[k] for k in ("timeout", "helo") if k in data}
+            data = {**data, "fallback": [{**inherited, **f} if isinstance(f, dict) else f for f in data["fallback"]]}
+        return data
 
     @property
-    def effective_port(self) -> int:
-        return self.port or DEFAULT_PORTS[self.security]
-
-    @property
-    def secret(self) -> str:
-        return self.password.get_secret_value() if self.password else ""
+    def smarthosts(self) -> tuple[SmarthostConfig, ...]:
+        """The primary, then the fallbacks, in the order they are tried."""
+        return (self, *self.fallback)
 
 
 class RetryConfig(_Strict):

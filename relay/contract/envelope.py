@@ -16,7 +16,8 @@ Format version 1 (``x-opsrelay-v``); a queue written by an earlier release reads
 ``x-sender``       the envelope sender (MAIL FROM), a string
 ``x-recipients``   a JSON list of addresses, as a string (json.dumps defaults)
 ``x-attempts``     attempts made so far (int); ``x-holds``: times delivery was held (int)
-``x-history``      JSON ``[[at, reply, [recipients]], ...]``, as a string
+``x-history``      JSON ``[[at, reply, [recipients], smarthost], ...]``, as a string (the fourth
+                   element, ``host:port`` of who answered, is new in 0.2: a 3-element entry reads as "")
 ``x-origin``       event | sendmail | send-test
 ``x-held``         the smarthost/config fault, on a mail waiting in a retry queue because of one
 ``x-dead-*``       reason, at, from (the queue), kind (mail | event | invalid) on a dead letter
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
     from relay.contract.message import HeaderValue
 
-    HistoryEntry = tuple[str, str, tuple[str, ...]]
+    HistoryEntry = tuple[str, str, tuple[str, ...], str]
 
 __all__ = [
     "CONTENT_TYPE",
@@ -81,7 +82,8 @@ def mail_headers(sender: str, recipients: Sequence[str], *, attempts: int = 0,
         "x-sender": sender,
         "x-recipients": json.dumps(list(recipients)),
         "x-attempts": attempts,
-        "x-history": json.dumps([[at, reply, list(rcpts)] for at, reply, rcpts in history]),
+        "x-history": json.dumps([[at, reply, list(rcpts), *([host] if host else [])]
+                                 for at, reply, rcpts, host in history]),
         "x-origin": origin,
         "x-holds": holds,
     }
@@ -111,10 +113,10 @@ def read_recipients(headers: Mapping[str, HeaderValue]) -> tuple[str, ...]:
 
 
 def read_history(headers: Mapping[str, HeaderValue]) -> tuple[HistoryEntry, ...]:
-    """``x-history`` as (at, reply, recipients) entries, oldest first."""
+    """``x-history`` as (at, reply, recipients, smarthost) entries, oldest first."""
     try:
         history = json.loads(str(headers.get("x-history") or "[]"))
-        return tuple((str(a[0]), str(a[1]), tuple(a[2])) for a in history)
+        return tuple((str(a[0]), str(a[1]), tuple(a[2]), str(a[3]) if len(a) > 3 else "") for a in history)
     except (ValueError, TypeError, IndexError) as exc:
         raise MessageDecodeError(f"mail envelope headers are malformed: {exc!r}") from None
 

@@ -23,6 +23,8 @@ class Attempt:
     at: str
     reply: str
     recipients: tuple[str, ...] = ()
+    # host:port of the smarthost that answered ("" when none did, or in an older release's history).
+    smarthost: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +53,7 @@ class OutboundMail:
 def to_message(mail: OutboundMail, *, held: str | None = None) -> Message:
     """The mail as it waits on a queue (``held``: the fault it waits for, in a retry queue)."""
     headers = mail_headers(mail.sender, mail.recipients, attempts=mail.attempts,
-                           history=[(a.at, a.reply, a.recipients) for a in mail.history],
+                           history=[(a.at, a.reply, a.recipients, a.smarthost) for a in mail.history],
                            origin=mail.origin, holds=mail.holds, held=held)
     return Message(body=mail.raw, message_id=mail.message_id, content_type=CONTENT_TYPE, headers=headers)
 

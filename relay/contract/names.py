@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "RETRY_INFIX",
+    "budget_queue",
     "dead_queue",
     "events_exchange",
     "is_retry_queue",
@@ -63,3 +64,9 @@ def spool_name(prefix: str) -> str:
 
 def is_retry_queue(prefix: str, name: str) -> bool:
     return name.startswith(f"{prefix}{RETRY_INFIX}")
+
+
+def budget_queue(prefix: str, smarthost: str, window: str) -> str:
+    """Where a smarthost's sending budget is counted: one message per mail it accepted, each
+    expiring after the window (``minute`` or ``day``). ``smarthost`` is ``host:port``."""
+    return f"{prefix}.budget.{smarthost.replace(':', '_')}.{window}"

@@ -114,8 +114,10 @@ def full_topology(
     subscriptions: Sequence[tuple[str, Sequence[str]]],
     retry_delays_ms: Sequence[int],
     stateful: Sequence[str] = (),
+    budgets: Sequence[tuple[str, int]] = (),
 ) -> Topology:
-    """Everything the relay consumes from: subscriptions, outbound, retry steps, dead letters."""
+    """Everything the relay uses: subscriptions, outbound, retry steps, dead letters, and the
+    budget counters ``(queue, window_ms)``: each message expires after its window and is dropped."""
     outbound = outbound_queue(prefix)
     queues = [QueueSpec(outbound), QueueSpec(dead_queue(prefix))]
     queues += [
@@ -128,6 +130,7 @@ def full_topology(
         queues.append(QueueSpec(queue))
         bindings += [BindingSpec(queue, events_exchange(prefix), p) for p in patterns]
     queues += [QueueSpec(state_queue(prefix, name), single_active=True) for name in stateful]
+    queues += [QueueSpec(name, ttl_ms=window_ms) for name, window_ms in budgets]
     return event_topology(prefix) + Topology((), tuple(queues), tuple(bindings))
 
 

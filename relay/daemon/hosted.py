@@ -126,14 +126,14 @@ class HostedRelay:
 
     async def _serve(self) -> None:
         from relay.daemon.serve import serve_forever
-        from relay.delivery.smtp import SmtpPool
+        from relay.delivery.smarthosts import Smarthosts
 
         with self._lock:
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
             self._main = asyncio.current_task()
             if self._stopping:
                 self._stop.set()
-        mailer = SmtpPool(self.config.smtp)
+        mailer = Smarthosts(self.config.smtp)
         try:
             await self._declare()
             self._ready.set()

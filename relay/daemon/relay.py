@@ -22,12 +22,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 from relay.config.models import Config, Subscription
-from relay.contract.event import CONTENT_TYPE, decode_event, encode_event, utcnow_iso
+from relay.contract.event import CONTENT_TYPE, decode_event, encode_event, iso_utc, utcnow_iso
 from relay.contract.mail import Attempt, OutboundMail, dead_letter, from_message, to_message
 from relay.contract.message import Message
 from relay.contract.names import dead_queue, outbound_queue, retry_queue, state_queue, subscription_queue
 from relay.contract.topology import Topology, full_topology
-from relay.delivery.outcome import Mailer, SendResult
+from relay.delivery.budget import EngineBudget, budget_queues, windows
+from relay.delivery.outcome import Mailer, OverBudget, SendResult
 from relay.delivery.plan import DeadLetter, Decision, Delivered, Hold, Plan, Retry, decide
 from relay.engines.base import Delivery, Engine
 from relay.errors import BrokerUnavailable, ConfigurationError, MessageDecodeError, PermanentError, RelayError
@@ -40,6 +41,9 @@ from relay.render.renderer import Renderer
 __all__ = ["Relay", "relay_topology"]
 
 log = logging.getLogger("opsrelay.relay")
+# How long an outbound delivery is held unacked while the sending budget is spent (then it goes
+# back to its queue), and how often the budget is looked at meanwhile.
+BUDGET_HOLD, BUDGET_POLL = 600.0, 5.0
 
 
 def _ms(seconds: float) -> int:
@@ -52,6 +56,7 @@ def relay_topology(config: Config) -> Topology:
         [(sub.name, sub.bindings()) for sub in config.subscriptions],
         [_ms(step) for step in config.retry.backoff],
         [sub.name for sub in config.subscriptions if sub.stateful],
+        budget_queues(config.broker.prefix, config.smtp.smarthosts),
     )
 
 
@@ -61,6 +66,9 @@ class Relay:
         self.config = config
         self.engine = engine
         self.mailer = mailer
+        # Counted in the broker when a smarthost has max_per_minute / max_per_day.
+        self.budget = EngineBudget(engine, config.broker.prefix) if any(
+            windows(h) for h in config.smtp.smarthosts) else None
         self.renderer = renderer or Renderer(config)
         self.grace = grace
         self.hold_back = hold_back
@@ -304,7 +312,24 @@ class Relay:
                  sub.name, what, notice.last.program, notice.last.state, mail.message_id, len(mail.recipients))
 
     async def handle_mail(self, delivery: Delivery) -> None:
-        await self.deliver(from_message(delivery.message))
+        mail = from_message(delivery.message)
+        waited = 0.0
+        while True:
+            try:
+                await self.deliver(mail)
+                break
+            except OverBudget as over:
+                # The mail waits where it is, in order, no attempt spent. Held at most
+                # BUDGET_HOLD at a time (RabbitMQ's consumer_timeout is 30 min), then it goes
+                # back to its place in the queue and the next turn waits again.
+                pause = min(max(0.0, over.until - time.time()), BUDGET_HOLD - waited)
+                if pause <= 0 or self._stopping:
+                    await delivery.reject(requeue=True)
+                    return
+                if not waited:
+                    log.info("relay: mail %s %s until %s", mail.message_id, over, iso_utc_of(over.until))
+                await asyncio.sleep(min(pause, BUDGET_POLL))
+                waited += min(pause, BUDGET_POLL)
         await delivery.ack()
 
     async def deliver(self, mail: OutboundMail) -> Plan:
@@ -315,15 +340,18 @@ class Relay:
         attempt = mail.attempts + 1
         outcome: SendResult | RelayError
         try:
-            outcome = await self.mailer.send(mail.sender, mail.recipients, mail.raw)
+            if self.budget is None:
+                outcome = await self.mailer.send(mail.sender, mail.recipients, mail.raw)
+            else:
+                outcome = await self.mailer.send(mail.sender, mail.recipients, mail.raw, budget=self.budget)
         except RelayError as exc:
             outcome = exc
         plan = decide(outcome, mail.recipients, attempt, self.config.retry, holds=mail.holds)
         for decision in plan:
-            await self._apply(mail, attempt, decision)
+            await self._apply(mail, attempt, decision, outcome.smarthost)
         return plan
 
-    async def _apply(self, mail: OutboundMail, attempt: int, decision: Decision) -> None:
+    async def _apply(self, mail: OutboundMail, attempt: int, decision: Decision, smarthost: str = "") -> None:
         rcpts = decision.recipients
         what = f"mail {mail.message_id} attempt {attempt} to {len(rcpts)} recipient(s)"
         if isinstance(decision, Delivered):
@@ -331,20 +359,27 @@ class Relay:
             return
         if isinstance(decision, Retry):
             log.warning("relay: %s failed for now (%s); retry in %gs", what, decision.reason, decision.delay)
-            later = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts), recipients=rcpts)
+            later = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts, smarthost), recipients=rcpts)
             await self.engine.send(retry_queue(self.prefix, _ms(decision.delay)), to_message(later))
         elif isinstance(decision, Hold):
             log.error("relay: DELIVERY HELD: %s; mail %s waits, retry in %gs (fix the smarthost or config)",
                       decision.fault, mail.message_id, decision.delay)
-            later = mail.after(Attempt(utcnow_iso(), f"held: {decision.fault}", rcpts),
+            later = mail.after(Attempt(utcnow_iso(), f"held: {decision.fault}", rcpts, smarthost),
                                recipients=rcpts, held=True)
             await self.engine.send(retry_queue(self.prefix, _ms(decision.delay)),
                                    to_message(later, held=decision.fault))
         else:
             assert isinstance(decision, DeadLetter)
             log.error("relay: %s dead-lettered: %s", what, decision.reason)
-            final = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts), recipients=rcpts)
+            final = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts, smarthost), recipients=rcpts)
             await self.engine.send(dead_queue(self.prefix), dead_letter(
                 to_message(final), reason=decision.reason, source=outbound_queue(self.prefix), kind="mail"))
 
 
+
+
+def iso_utc_of(unix: float) -> str:
+    """A unix time as the ISO form events and the history use."""
+    from datetime import UTC, datetime
+
+    return iso_utc(datetime.fromtimestamp(unix, UTC))

@@ -16,17 +16,20 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 from aiosmtplib import SMTPStatus
 from aiosmtplib.email import parse_address
 
-from relay.config.models import Security, SmtpConfig
-from relay.delivery.outcome import Reply, SendResult, ServerInfo
+from relay.config.smarthost import Security, SmarthostConfig
+from relay.delivery.outcome import Budget, Reply, SendResult, ServerInfo, SessionFault
+from relay.delivery.quota import is_quota_reply
 from relay.errors import (
     RelayError,
     SMTPConnectError,
     SMTPPermanentError,
+    SMTPQuotaError,
     SMTPSecurityError,
     SMTPTemporaryError,
     SMTPTimeoutError,
@@ -36,6 +39,9 @@ __all__ = [
     "SmtpPool",
     "translate_error",
 ]
+
+if TYPE_CHECKING:
+    from relay.delivery.oauth2 import TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +99,7 @@ def translate_error(exc: Exception, *, setup: bool = False) -> RelayError:
     return SMTPConnectError(f"unexpected {type(exc).__name__}: {exc}")
 
 
-def _tls_context(config: SmtpConfig) -> ssl.SSLContext:
+def _tls_context(config: SmarthostConfig) -> ssl.SSLContext:
     # Verification stays on: ca_file adds a trust anchor, it never replaces the check.
     context = ssl.create_default_context()
     if config.ca_file is not None:
@@ -104,7 +110,7 @@ def _tls_context(config: SmtpConfig) -> ssl.SSLContext:
 class _Answered(Exception):
     """The server refused the mail at the end of DATA; the session itself is fine."""
 
-    def __init__(self, error: RelayError) -> None:
+    def __init__(self, error: RelayError | SessionFault) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -114,12 +120,25 @@ class _Stale(Exception):
 
 
 class SmtpPool:
-    """Up to ``config.pool_size`` connections to the smarthost, reused across messages."""
+    """Up to ``pool_size`` connections to one smarthost, reused across messages.
 
-    def __init__(self, config: SmtpConfig) -> None:
+    :meth:`transact` tells the session's faults (the smarthost cannot take mail: connect, TLS,
+    AUTH, MAIL FROM refused, 421, quota) apart from the mail's, by raising
+    :class:`~relay.delivery.outcome.SessionFault` for the former; :meth:`send` is the plain
+    :class:`~relay.delivery.outcome.Mailer` view for one smarthost.
+    """
+
+    def __init__(self, config: SmarthostConfig, *, pool_size: int | None = None,
+                 tokens: TokenSource | None = None) -> None:
         self._config = config
+        self.name = config.name
         self._tls = _tls_context(config) if config.security is not Security.NONE else None
-        self._slots = asyncio.Semaphore(config.pool_size)
+        self._slots = asyncio.Semaphore(pool_size or int(getattr(config, "pool_size", 2)))
+        if tokens is None and config.oauth2 is not None:
+            from relay.delivery.oauth2 import token_source
+
+            tokens = token_source(config.oauth2)
+        self._tokens = tokens
         self._idle: deque[aiosmtplib.SMTP] = deque()
         self._helo = config.helo
         self._closed = False
@@ -147,7 +166,9 @@ class SmtpPool:
             tls = client.get_transport_info("sslcontext") is not None
             if c.security is not Security.NONE and not tls:
                 raise SMTPSecurityError("the session is not encrypted")
-            if c.username:
+            if self._tokens is not None:
+                await self._xoauth2(client, self._tokens)
+            elif c.username:
                 if not client.supports_extension("auth"):
                     raise SMTPSecurityError("the smarthost offers no AUTH; credentials not sent")
                 await client.login(c.username, c.secret)
@@ -160,12 +181,47 @@ class SmtpPool:
         except BaseException:
             _discard(client)
             raise
-        log.debug("smtp: connected to %s:%s (%s) as %s", c.host, c.effective_port,
-                  c.security.value, c.username or "(no AUTH)")
+        log.debug("smtp: connected to %s (%s) as %s, AUTH %s", self.name, c.security.value,
+                  c.username or "-", c.mechanism)
         return client
 
-    async def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> SendResult:
-        """One transaction. Raises a RelayError when the whole mail failed."""
+    async def _xoauth2(self, client: aiosmtplib.SMTP, tokens: TokenSource) -> None:
+        """SASL XOAUTH2; a refused token is asked for again once, at once (it may have been revoked)."""
+        if "XOAUTH2" not in client.server_auth_methods:
+            raise SMTPSecurityError(f"{self.name} does not offer AUTH XOAUTH2 (it offers "
+                                    f"{' '.join(client.server_auth_methods) or 'no AUTH'}); nothing was sent")
+        for last in (False, True):
+            token = await tokens.token()
+            try:
+                await client.auth_xoauth2(self._config.username, token)
+                return
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                tokens.refused()
+                if exc.code // 100 == SMTPStatus.error_processing // 100:  # RFC 4954 454: try later
+                    raise SMTPTemporaryError(exc.code, exc.message) from None
+                if last:
+                    raise SMTPSecurityError(f"{self.name} refused the XOAUTH2 token of {tokens.describe} "
+                                            f"twice: {exc.code} {exc.message}") from None
+                log.info("smtp: %s refused the access token (%s); asking %s for a new one",
+                         self.name, exc.code, tokens.describe)
+
+    async def send(self, sender: str, recipients: Sequence[str], raw: bytes, *,
+                   budget: Budget | None = None) -> SendResult:
+        """One transaction. Raises a RelayError when the whole mail failed.
+
+        Budgets and fallbacks are :class:`relay.delivery.smarthosts.Smarthosts`' (the relay's
+        Mailer); a lone pool counts no budget, so it refuses to be given one it would ignore.
+        """
+        if budget is not None and (self._config.max_per_minute or self._config.max_per_day):
+            raise ValueError(f"{self.name} has a sending budget: deliver through Smarthosts")
+        try:
+            return await self.transact(sender, recipients, raw)
+        except SessionFault as fault:
+            raise fault.error from fault.error.__cause__
+
+    async def transact(self, sender: str, recipients: Sequence[str], raw: bytes) -> SendResult:
+        """One transaction: SessionFault when this smarthost could not take mail at all (another
+        may), a RelayError when the mail failed here, else who was accepted and refused."""
         if self._closed:
             raise SMTPConnectError("the SMTP pool is closed")
         async with self._slots:
@@ -177,14 +233,14 @@ class SmtpPool:
                 else:
                     _discard(candidate)
             if client is None:
-                client = await self._open()
+                client = await self._session()
             try:
                 try:
                     result = await self._transact(client, sender, recipients, raw, stale_ok=reused)
                 except _Stale:
                     _discard(client)
                     log.debug("smtp: idle connection was closed by the server; reconnecting")
-                    client = await self._open()
+                    client = await self._session()
                     result = await self._transact(client, sender, recipients, raw, stale_ok=False)
             except _Answered as answered:
                 if self._closed:
@@ -199,7 +255,17 @@ class SmtpPool:
                 _discard(client)
             else:
                 self._idle.append(client)
-            return result
+            quota = next((r for r in result.refused.values() if is_quota_reply(r.code, r.text)), None)
+            if quota is not None:
+                # The provider's limit, not the recipient: hold (the next smarthost first).
+                raise SessionFault(self.name, SMTPQuotaError(quota.code, quota.text))
+            return SendResult(result.accepted, result.refused, result.reply, smarthost=self.name)
+
+    async def _session(self) -> aiosmtplib.SMTP:
+        try:
+            return await self._open()
+        except RelayError as exc:
+            raise SessionFault(self.name, exc) from exc
 
     async def _transact(self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str],
                         raw: bytes, *, stale_ok: bool) -> SendResult:
@@ -223,6 +289,8 @@ class SmtpPool:
                     refused[rcpt] = Reply(error.code, error.reply)
                 else:
                     accepted.append(rcpt)
+        except ValueError as exc:  # the sender cannot be put on a command line: the mail's fault
+            raise translate_error(exc) from exc
         except Exception as exc:
             # Before DATA nothing was accepted, so a connection that died while idle may
             # be replaced and the transaction replayed on a fresh one.
@@ -231,7 +299,8 @@ class SmtpPool:
                 and exc.code == SMTPStatus.domain_unavailable)
             if stale_ok and gone:
                 raise _Stale from exc
-            raise translate_error(exc) from exc
+            # MAIL FROM refused, 421, 530, a lost connection: this smarthost takes no mail now.
+            raise SessionFault(self.name, self._quota_or(exc)) from exc
         if not accepted:
             await _reset(client)
             return SendResult((), refused, None)
@@ -239,14 +308,21 @@ class SmtpPool:
             # Never replayed: once DATA is sent the server may have taken the mail.
             response = await client.data(raw)
         except aiosmtplib.SMTPResponseException as exc:
+            if is_quota_reply(exc.code, exc.message):
+                raise _Answered(SessionFault(self.name, SMTPQuotaError(exc.code, exc.message))) from exc
             if exc.code == SMTPStatus.domain_unavailable or not client.is_connected:  # 421: closing
-                raise translate_error(exc) from exc
+                raise SessionFault(self.name, translate_error(exc)) from exc
             # RFC 5321 §4.1.1.4: after the reply to the end of DATA the session is ready for the
             # next MAIL: keep the connection (a 451 storm must not cost a TLS handshake each).
             raise _Answered(translate_error(exc)) from exc
         except Exception as exc:
             raise translate_error(exc) from exc
         return SendResult(tuple(accepted), refused, Reply(response.code, response.message))
+
+    def _quota_or(self, exc: Exception) -> RelayError:
+        if isinstance(exc, aiosmtplib.SMTPResponseException) and is_quota_reply(exc.code, exc.message):
+            return SMTPQuotaError(exc.code, exc.message)
+        return translate_error(exc, setup=True)
 
     async def check(self) -> ServerInfo:
         """Connect, EHLO, TLS, AUTH, QUIT: no mail. Raises a RelayError on any fault."""
@@ -257,6 +333,8 @@ class SmtpPool:
                 tls=client.get_transport_info("sslcontext") is not None,
                 authenticated=bool(self._config.username),
                 extensions=tuple(sorted(client.esmtp_extensions)),
+                mechanism=self._config.mechanism,
+                token_source=self._tokens.describe if self._tokens is not None else "",
             )
             await _quit(client, self._config.timeout)
         except Exception as exc:
@@ -267,6 +345,9 @@ class SmtpPool:
 
     async def close(self) -> None:
         self._closed = True
+        closer = getattr(self._tokens, "close", None)
+        if closer is not None:
+            await closer()
         while self._idle:
             client = self._idle.pop()
             try:

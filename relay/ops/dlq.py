@@ -109,8 +109,8 @@ class DeadEntry:
             "sender": mail.sender if mail else None,
             "holds": mail.holds if mail else None,
             "origin": mail.origin if mail else None,
-            "history": [{"at": a.at, "reply": a.reply, "recipients": list(a.recipients)}
-                        for a in (mail.history if mail else ())],
+            "history": [{"at": a.at, "reply": a.reply, "recipients": list(a.recipients),
+                         "smarthost": a.smarthost} for a in (mail.history if mail else ())],
             "message_id": self.message.message_id,
             "content_type": self.message.content_type,
             "headers": dict(self.message.headers),

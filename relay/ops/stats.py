@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from relay.config.smarthost import SmarthostConfig
 from relay.contract.envelope import (
     held_fault,
     read_recipients,
@@ -18,6 +19,7 @@ from relay.contract.names import (
     subscription_queue,
     unrouted_queue,
 )
+from relay.delivery.budget import BudgetUse, EngineBudget
 from relay.engines.base import Engine
 from relay.errors import ConfigurationError, MessageDecodeError
 from relay.ops.browse import browse
@@ -48,17 +50,20 @@ class HeldMail:
 class QueueStats:
     queues: tuple[QueueCount, ...]
     held: tuple[HeldMail, ...]
+    # Each budget window of each smarthost that has one (max_per_minute / max_per_day).
+    budgets: tuple[BudgetUse, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "queues": [{"role": q.role, "name": q.name, "ready": q.ready} for q in self.queues],
             "held": [{"queue": h.queue, "id": h.id, "fault": h.fault, "holds": h.holds,
                       "recipients": list(h.recipients)} for h in self.held],
+            "budgets": [b.to_dict() for b in self.budgets],
         }
 
 
 async def queue_stats(engine: Engine, prefix: str, retry_delays_ms: Sequence[int],
-                      subscriptions: Sequence[str]) -> QueueStats:
+                      subscriptions: Sequence[str], smarthosts: Sequence[SmarthostConfig] = ()) -> QueueStats:
     """Ready counts of the relay's queues, and the held mails found by browsing the retry queues."""
     named = [("outbound", outbound_queue(prefix))]
     named += [("retry", retry_queue(prefix, d)) for d in sorted(set(retry_delays_ms))]
@@ -74,7 +79,13 @@ async def queue_stats(engine: Engine, prefix: str, retry_delays_ms: Sequence[int
         counts.append(QueueCount(role, name, ready))
         if role == "retry" and ready:
             held += [_held(name, m) for m in await browse(engine, name) if held_fault(m.headers) is not None]
-    return QueueStats(tuple(counts), tuple(held))
+    budgets: list[BudgetUse] = []
+    for smarthost in smarthosts:
+        try:
+            budgets += await EngineBudget(engine, prefix).use(smarthost)
+        except ConfigurationError:
+            continue  # not declared yet: the relay never ran with this budget
+    return QueueStats(tuple(counts), tuple(held), tuple(budgets))
 
 
 def _held(queue: str, message: Message) -> HeldMail:

@@ -13,10 +13,12 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from relay.config.models import Config, load_config
-from relay.contract.mail import OutboundMail
-from relay.daemon.relay import Relay, relay_topology
+from relay.contract.mail import OutboundMail, to_message
+from relay.contract.names import outbound_queue
+from relay.daemon.relay import Relay, iso_utc_of, relay_topology
+from relay.delivery.outcome import OverBudget
 from relay.delivery.plan import DeadLetter, Delivered, Hold, Plan, Retry
-from relay.delivery.smtp import SmtpPool
+from relay.delivery.smarthosts import Smarthosts
 from relay.engines import open_engine
 from relay.errors import ConfigurationError, RelayError
 from relay.sendmail.exits import EX_CONFIG, EX_OK, EX_TEMPFAIL
@@ -25,13 +27,18 @@ from relay.sendmail.outbound import ORIGIN, quiet_logging
 __all__ = ["deliver_now"]
 
 
-async def _attempt(config: Config, mail: OutboundMail) -> Plan:
+async def _attempt(config: Config, mail: OutboundMail) -> Plan | OverBudget:
     engine = open_engine(config.broker.url, confirm_timeout=config.broker.confirm_timeout)
-    mailer = SmtpPool(config.smtp)
+    mailer = Smarthosts(config.smtp)
     try:
         await engine.connect()
         await engine.declare(relay_topology(config))
-        return await Relay(config, engine, mailer).deliver(mail)
+        try:
+            return await Relay(config, engine, mailer).deliver(mail)
+        except OverBudget as over:
+            # Every smarthost's budget is spent: the mail waits on outbound, in order, for the relay.
+            await engine.send(outbound_queue(config.broker.prefix), to_message(mail))
+            return over
     finally:
         await mailer.close()
         await engine.close()
@@ -55,6 +62,9 @@ def deliver_now(sender: str, recipients: Sequence[str], raw: bytes, message_id: 
     except RelayError as exc:
         say(f"cannot queue the mail ({exc}); nothing was queued")
         return EX_TEMPFAIL
+    if isinstance(plan, OverBudget):
+        say(f"{plan} until {iso_utc_of(plan.until)}; queued {message_id} for the relay")
+        return EX_OK
     for decision in plan:
         rcpts = ", ".join(decision.recipients)
         if isinstance(decision, Delivered):

@@ -204,7 +204,7 @@ def dead_recipients(message: Message) -> tuple[str, ...]:
 def history(message: Message) -> list[tuple[str, str, list[str]]]:
     """``x-history`` of a mail: (at, reply, recipients) per attempt."""
     entries = json.loads(str(message.headers.get("x-history") or "[]"))
-    return [(str(at), str(reply), list(rcpts)) for at, reply, rcpts in entries]
+    return [(str(at), str(reply), list(rcpts)) for at, reply, rcpts, *_ in entries]
 
 
 def _unaccounted(ledger: Ledger, delivered: Counter[tuple[str, str]],

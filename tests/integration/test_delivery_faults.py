@@ -110,7 +110,7 @@ async def test_550_for_a_recipient_dead_letters_at_once_with_the_reply(rig: Rig,
     assert "550" in reason and "no such user here" in reason
     assert dead.headers["x-dead-kind"] == "mail"
     assert dead.headers["x-attempts"] == 1
-    assert [(reply, rcpts) for _, reply, rcpts in history(dead)] == [(reason, ["nobody@example.test"])]
+    assert [(reply, rcpts) for _, reply, rcpts, *_ in history(dead)] == [(reason, ["nobody@example.test"])]
     assert dead.body == refused.raw, "a dead letter keeps the mail as it was"
     rcpts = sum(c.commands.count("RCPT") for c in server.connections)
     assert rcpts == 2, "one RCPT each: the refused recipient was not tried again"
@@ -294,7 +294,7 @@ async def test_max_attempts_used_up_by_451s_dead_letters_with_every_attempt(rig:
     attempts = history(dead)
     assert len(attempts) == 3
     assert all("451 4.3.0 try again later" in reply and rcpts == ["oncall@example.test"]
-               for _, reply, rcpts in attempts)
+               for _, reply, rcpts, *_ in attempts)
     at = [datetime.strptime(a, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp() for a, _, _ in attempts]
     for attempt, (earlier, later) in enumerate(itertools.pairwise(at), start=1):
         assert step(attempt) <= later - earlier <= step(attempt) + 2.0, at

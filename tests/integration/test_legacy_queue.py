@@ -164,7 +164,8 @@ def expected_detail_d(header_prefix: str) -> dict[str, Any]:
     d = MESSAGES["d"]
     return {**expected_summary("d", header_prefix), "replayable": True, "not_replayable_because": None,
             "sender": d["sender"], "holds": d["holds"], "origin": d["origin"],
-            "history": [{"at": at, "reply": reply, "recipients": rcpts} for at, reply, rcpts in d["history"]],
+            "history": [{"at": at, "reply": reply, "recipients": rcpts, "smarthost": ""}
+                        for at, reply, rcpts in d["history"]],
             "message_id": d["message_id"], "content_type": d["content_type"], "message": raw("d").decode()}
 
 
