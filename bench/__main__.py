@@ -1,4 +1,5 @@
-"""``python -m bench [all|listener|relay|retry|sendmail|embedded|crash-mail|storm] [options]``: see bench/README.md."""
+"""``python -m bench [all|listener|relay|xoauth2|retry|sendmail|embedded|crash-mail|storm] [options]``: see
+bench/README.md."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import time
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="opsrelay against bare aiosmtplib and "
                                      "superlance's crashmail; see bench/README.md.")
-    parser.add_argument("which", nargs="?", choices=("all", "listener", "relay", "retry", "sendmail", "embedded",
-                                                     "crash-mail", "storm"), default="all")
+    parser.add_argument("which", nargs="?", choices=("all", "listener", "relay", "xoauth2", "retry", "sendmail",
+                                                     "embedded", "crash-mail", "storm"), default="all")
     parser.add_argument("--events", type=int, default=10_000, help="listener: events per listener (10000)")
     parser.add_argument("--mails", type=int, default=2000, help="relay: mails per row (2000)")
     parser.add_argument("--fresh-mails", type=int, default=300,
                         help="relay: mails for the new-connection-per-mail row (300)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="relay: interleaved rounds per row, each of mails/rounds mails (4)")
+    parser.add_argument("--xoauth2-mails", type=int, default=1000,
+                        help="xoauth2: mails per row, password AUTH against XOAUTH2 (1000)")
     parser.add_argument("--retry-mails", type=int, default=1000,
                         help="retry: mails per throughput round (1000; 0: memory rows only)")
     parser.add_argument("--retry-rounds", type=int, default=3, help="retry: interleaved rounds per throughput row (3)")
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import relay_throughput
 
         relay_throughput.run(args.mails, args.fresh_mails, args.rounds)
+    if args.which in ("all", "xoauth2"):
+        from bench import xoauth2_throughput
+
+        xoauth2_throughput.run(args.xoauth2_mails, min(args.rounds, 3))
     if args.which in ("all", "retry"):
         from bench import retry_load
 

@@ -187,7 +187,8 @@ class SmtpPool:
 
     async def _xoauth2(self, client: aiosmtplib.SMTP, tokens: TokenSource) -> None:
         """SASL XOAUTH2; a refused token is asked for again once, at once (it may have been revoked)."""
-        if "XOAUTH2" not in client.server_auth_methods:
+        # aiosmtplib keeps the EHLO AUTH list lower case.
+        if "xoauth2" not in {m.lower() for m in client.server_auth_methods}:
             raise SMTPSecurityError(f"{self.name} does not offer AUTH XOAUTH2 (it offers "
                                     f"{' '.join(client.server_auth_methods) or 'no AUTH'}); nothing was sent")
         for last in (False, True):

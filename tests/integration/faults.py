@@ -31,7 +31,7 @@ from relay.contract.names import dead_queue, outbound_queue, retry_queue
 from relay.contract.topology import event_topology
 from relay.daemon.relay import relay_topology
 from relay.daemon.serve import serve_forever
-from relay.delivery.smtp import SmtpPool
+from relay.delivery.smarthosts import Smarthosts
 from relay.engines.base import Engine
 from relay.render.mime import build_message
 from tests.brokers import Broker, delete_topology
@@ -315,7 +315,7 @@ async def reconcile(watch: Watch, *, max_duplicates: int = 0) -> Reconciliation:
 class RunningRelay:
     task: asyncio.Task[None]
     stop: asyncio.Event
-    mailer: SmtpPool
+    mailer: Smarthosts
 
     def check(self) -> None:
         """Raise when the relay ended on its own (it must run until stopped)."""
@@ -326,9 +326,9 @@ class RunningRelay:
 
 @asynccontextmanager
 async def running_relay(config: Config, *, stop_timeout: float = 20.0) -> AsyncIterator[RunningRelay]:
-    """``serve_forever`` on this loop with a real SmtpPool; stopped through its stop Event on exit."""
+    """``serve_forever`` on this loop with the relay's real Mailer; stopped through its stop Event on exit."""
     stop = asyncio.Event()
-    mailer = SmtpPool(config.smtp)
+    mailer = Smarthosts(config.smtp)
     task = asyncio.create_task(serve_forever(config, mailer, stop), name="relay-under-test")
     relay = RunningRelay(task, stop, mailer)
     try:
