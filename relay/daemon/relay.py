@@ -43,7 +43,7 @@ __all__ = ["Relay", "relay_topology"]
 log = logging.getLogger("opsrelay.relay")
 # How long an outbound delivery is held unacked while the sending budget is spent (then it goes
 # back to its queue), and how often the budget is looked at meanwhile.
-BUDGET_HOLD, BUDGET_POLL = 600.0, 5.0
+BUDGET_HOLD, BUDGET_POLL, BUDGET_MIN_PAUSE = 600.0, 5.0, 0.2
 
 
 def _ms(seconds: float) -> int:
@@ -75,6 +75,7 @@ class Relay:
         self.prefix = config.broker.prefix
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._stop_requested = asyncio.Event()  # wakes what waits for a budget at once on stop
         self._notifiers = {sub.name: Notifier(sub, config.host) for sub in config.subscriptions}
         # A stateless subscription's state (recent counts) lives here only; a stateful one's in its keeper.
         self._states = {sub.name: State() for sub in config.subscriptions if not sub.stateful}
@@ -112,6 +113,7 @@ class Relay:
             # Finish what is in flight while its consumers (and so its leases / channels) are
             # still open, so that its ack lands; only then close them, which returns the rest.
             self._stopping = True
+            self._stop_requested.set()
             await self._drain()
             for task in consumers:
                 task.cancel()
@@ -322,14 +324,16 @@ class Relay:
                 # The mail waits where it is, in order, no attempt spent. Held at most
                 # BUDGET_HOLD at a time (RabbitMQ's consumer_timeout is 30 min), then it goes
                 # back to its place in the queue and the next turn waits again.
-                pause = min(max(0.0, over.until - time.time()), BUDGET_HOLD - waited)
-                if pause <= 0 or self._stopping:
+                if waited >= BUDGET_HOLD or self._stopping:
                     await delivery.reject(requeue=True)
                     return
                 if not waited:
                     log.info("relay: mail %s %s until %s", mail.message_id, over, iso_utc_of(over.until))
-                await asyncio.sleep(min(pause, BUDGET_POLL))
-                waited += min(pause, BUDGET_POLL)
+                # At least a moment: the broker drops an expired counter a little after its time.
+                pause = min(max(BUDGET_MIN_PAUSE, over.until - time.time()), BUDGET_POLL, BUDGET_HOLD - waited)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), pause)
+                waited += pause
         await delivery.ack()
 
     async def deliver(self, mail: OutboundMail) -> Plan:

@@ -6,7 +6,9 @@ sent in the last window, on both engines, across restarts, and for every relay o
 shares the broker. The oldest message says when the window frees a place again.
 
 Two relays may both see the last free place and send: a fleet of N relays can go N-1 mails over
-a budget within one window; one relay never does (it counts under a lock per smarthost).
+a budget within one window; one relay does not (it counts under a lock per smarthost), except
+by one while ``opsrelay queue`` looks at the oldest counted mail (taken and put back: a queue
+cannot be peeked at on RabbitMQ), which hides that mail from the count for that moment.
 """
 
 from __future__ import annotations
@@ -65,7 +67,13 @@ class EngineBudget:
         for name, seconds, limit in windows(smarthost):
             queue = budget_queue(self._prefix, smarthost.name, name)
             used = await self._engine.depth(queue)
-            until = await self._frees(queue, seconds) if used >= limit else None
+            until = None
+            if used >= limit:
+                until = await self._frees(queue, seconds)
+                # The oldest may have expired between the two reads: then a place is free now.
+                used = await self._engine.depth(queue)
+                if used < limit:
+                    until = None
             uses.append(BudgetUse(smarthost.name, name, used, limit, until))
         return uses
 

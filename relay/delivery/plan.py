@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from relay.delivery.quota import is_quota_reply
 from relay.errors import ConfigurationError, PermanentError, RelayError
 from relay.timing import backoff
 
@@ -97,7 +98,10 @@ def _temporary(reason: str, attempt: int, retry: RetryConfig) -> Decision:
     return Retry((), backoff(attempt, retry.backoff), reason)
 
 
-def _by_reply(code: int, reply: str, attempt: int, retry: RetryConfig) -> Decision:
+def _by_reply(code: int, reply: str, attempt: int, retry: RetryConfig, holds: int) -> Decision:
+    if is_quota_reply(code, reply):
+        # The provider's sending limit, not this recipient: held, never dead-lettered.
+        return Hold((), f"sending quota or rate exceeded: {reply}", backoff(holds + 1, retry.backoff))
     verdict = classify(code)
     if verdict is ReplyClass.POSITIVE:
         return Delivered((), reply)
@@ -128,7 +132,7 @@ def decide(outcome: SendResult | RelayError, recipients: Sequence[str], attempt:
     else:
         delivered = Delivered((), str(outcome.reply) if outcome.reply else "")
         fates = [(rcpt, delivered) for rcpt in outcome.accepted]
-        fates += [(rcpt, _by_reply(refusal.code, str(refusal), attempt, retry))
+        fates += [(rcpt, _by_reply(refusal.code, str(refusal), attempt, retry, holds))
                   for rcpt, refusal in outcome.refused.items()]
     groups: dict[Decision, list[str]] = {}
     for rcpt, fate in fates:

@@ -1,10 +1,11 @@
 """The relay's Mailer: the smarthosts of ``[smtp]`` and ``[[smtp.fallback]]``, tried in order.
 
 A fault of the session (connection refused or timed out, TLS, STARTTLS missing, AUTH or the
-XOAUTH2 token refused, 421, MAIL FROM refused, a quota reply) moves the mail to the next
-smarthost within the same attempt: no backoff step is waited for. A verdict on the mail (a
-recipient refused, a reply to the end of DATA) is not moved: delivered recipients are never
-mailed twice, and a 5xx to a recipient is a dead letter whichever smarthost said it.
+XOAUTH2 token refused, 421, MAIL FROM refused, a quota reply that refused the whole mail) moves
+the mail to the next smarthost within the same attempt: no backoff step is waited for. A
+verdict on the mail (a recipient refused, a reply to the end of DATA) is not moved: delivered
+recipients are never mailed twice, and a 5xx to a recipient is a dead letter whichever
+smarthost said it; a quota reply to some recipients while others were taken holds just those.
 
 A smarthost that failed is tried after the others for ``smtp.failback``, then first again.
 One whose sending budget is spent is passed over until it frees (:mod:`relay.delivery.budget`);

@@ -257,8 +257,9 @@ class SmtpPool:
             else:
                 self._idle.append(client)
             quota = next((r for r in result.refused.values() if is_quota_reply(r.code, r.text)), None)
-            if quota is not None:
-                # The provider's limit, not the recipient: hold (the next smarthost first).
+            if quota is not None and not result.accepted:
+                # The provider's limit, and nothing went: the next smarthost may take the whole mail.
+                # With some recipients accepted the mail is sent: the plan holds only the others.
                 raise SessionFault(self.name, SMTPQuotaError(quota.code, quota.text))
             return SendResult(result.accepted, result.refused, result.reply, smarthost=self.name)
 

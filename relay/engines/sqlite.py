@@ -321,10 +321,12 @@ class SqliteEngine(Engine):
                 if buffer:
                     yield buffer.popleft()
                     continue
+                # Cleared before looking: a settle or a poke from now on wakes the wait below (a full
+                # prefetch window must wait for one, not spin on an event that stays set).
+                event.clear()
                 room = prefetch - len(unsettled) if prefetch > 0 else _UNLIMITED_BATCH
                 due: int | None = None
                 if room > 0:
-                    event.clear()  # a poke during the take must still wake the next wait
                     rows, due = await self._take(queue, room, first=first)
                     first = False
                     for row in rows:

@@ -90,12 +90,18 @@ def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
     directory = os.path.dirname(path)
     if directory and not os.path.isdir(directory):
         os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    # Only a new file is opened here: closing a descriptor of a file drops every POSIX (fcntl)
+    # lock this process holds on it, and SQLite's other connections here hold theirs (a lost WAL
+    # lock lets another process delete the live -wal file).
     try:
-        if os.fstat(fd).st_size == 0:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        try:
             os.fchmod(fd, 0o600)  # ours and new: exact mode whatever the umask
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
     # isolation_level=None: no implicit transactions, we open our own.
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
