@@ -20,7 +20,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
 from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
@@ -33,22 +32,20 @@ from relay.delivery import budget as budget_module
 from relay.engines.base import Engine
 from relay.ops.stats import queue_stats
 from tests.integration.faults import (
-    Broker,
     Ledger,
     Rig,
     Servers,
     Watch,
-    engine_params,
     fill_outbound,
     new_mail,
     reconcile,
     relay_settings,
     retry_queues,
-    wait_until,
     write_toml,
 )
 from tests.integration.test_fallback import peek, running_smarthosts
 from tests.smtp_server import ReceivedMail, SmtpServer
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,23 +54,7 @@ LIMIT = 5
 MAILS = 20
 
 
-@pytest.fixture(params=engine_params())
-def broker(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Broker:
-    return Broker.make(request.param, tmp_path, prefix, request)
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    made = Servers(tmp_path)
-    yield made
-    made.stop_all()
-
-
-@pytest.fixture
-async def rig(broker: Broker, servers: Servers) -> AsyncIterator[Rig]:
-    made = Rig(broker)
-    yield made
-    await made.close()
+# The broker (both engines), servers and rig fixtures are tests/integration/conftest.py's.
 
 
 class Acceptances:

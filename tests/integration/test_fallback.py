@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +35,15 @@ from tests.integration.faults import (
     Rig,
     Servers,
     Watch,
-    engine_params,
     fill_outbound,
     new_mail,
     reconcile,
     relay_settings,
     retry_queues,
     steady_port,
-    wait_until,
 )
 from tests.smtp_server import SmtpServer, _Handler
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,23 +52,7 @@ GMAIL_DAILY = "550 5.4.5 Daily user sending limit exceeded. For more information
 M365_QUOTA = "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message"
 
 
-@pytest.fixture(params=engine_params())
-def broker(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Broker:
-    return Broker.make(request.param, tmp_path, prefix, request)
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    made = Servers(tmp_path)
-    yield made
-    made.stop_all()
-
-
-@pytest.fixture
-async def rig(broker: Broker, servers: Servers) -> AsyncIterator[Rig]:
-    made = Rig(broker)
-    yield made
-    await made.close()
+# The broker (both engines), servers and rig fixtures are tests/integration/conftest.py's.
 
 
 # -- the relay with its real Mailer ----------------------------------------------------------------

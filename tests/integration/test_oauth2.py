@@ -38,17 +38,16 @@ from tests.integration.faults import (
     Ledger,
     Rig,
     Watch,
-    engine_params,
     fill_outbound,
     new_mail,
     reconcile,
     relay_settings,
     retry_queues,
     steady_port,
-    wait_until,
 )
 from tests.oauth_servers import CLIENT_ID, CLIENT_SECRET, SCOPE, Down, TokenEndpoint, XOAuth2SmtpServer
 from tests.smtp_server import DEFAULT_PASSWORD, DEFAULT_USER
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -113,25 +112,20 @@ def make_smarthost(tmp_path: Path) -> Iterator[ServerFactory]:
         server.stop()
 
 
-@pytest.fixture(params=engine_params())
-def broker(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Broker:
-    return Broker.make(request.param, tmp_path, prefix, request)
-
-
 @pytest.fixture
 async def rig(broker: Broker, make_smarthost: ServerFactory, make_endpoint: EndpointFactory) -> AsyncIterator[Rig]:
     # Depends on the server factories so that engines close (and queues go) before the servers stop.
     made = Rig(broker)
     yield made
-    await made.close()
+    await broker.cleanup()
 
 
 @pytest.fixture
-async def sqlite_rig(tmp_path: Path, prefix: str, request: pytest.FixtureRequest, make_smarthost: ServerFactory,
+async def sqlite_rig(tmp_path: Path, prefix: str, make_smarthost: ServerFactory,
                      make_endpoint: EndpointFactory) -> AsyncIterator[Rig]:
-    made = Rig(Broker.make("sqlite", tmp_path, prefix, request))
-    yield made
-    await made.close()
+    broker = Broker.for_test("sqlite", tmp_path, prefix)
+    yield Rig(broker)
+    await broker.cleanup()
 
 
 # -- helpers -----------------------------------------------------------------------------------
