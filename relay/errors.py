@@ -15,6 +15,7 @@ pydantic in ``relay.config.models``), so the rest of the code decides on our cla
     │   └── MessageDecodeError
     ├── ConfigurationError        our fault or the smarthost's, never the mail's: fail at start,
     │   ├── ConfigError           or during delivery hold the mail and alert, never dead-letter it
+    │   │   └── ConfigUnreadable  (the file is there but not ours to read: sendmail uses the maildrop)
     │   ├── SMTPSecurityError     (STARTTLS not offered, certificate refused, AUTH or XOAUTH2 rejected)
     │   ├── TokenError            (the OAuth2 token endpoint or token_command refused or is down)
     │   └── SMTPQuotaError        (the smarthost says our sending quota or rate is used up)
@@ -26,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "BrokerUnavailable",
     "ConfigError",
+    "ConfigUnreadable",
     "ConfigurationError",
     "MessageDecodeError",
     "PermanentError",
@@ -134,3 +136,7 @@ class ConfigError(ConfigurationError, ValueError):
         super().__init__(f"{where}: {message}" if where else message)
         self.path = path
         self.key = key
+
+
+class ConfigUnreadable(ConfigError):
+    """The config file exists but this user may not read it (it holds the relay's secrets)."""

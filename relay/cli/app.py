@@ -88,9 +88,14 @@ def listen(config: ConfigOption = None,
         from relay.daemon.hosted import hosted_relay
 
         hosting = hosted_relay(cfg)
+    ingesting: AbstractContextManager[object] = nullcontext()
+    if os.geteuid() == 0:
+        from relay.maildrop.ingest import in_background
+
+        ingesting = in_background(cfg.source, cfg.broker.url, cfg.broker.confirm_timeout)
     code = EX_OK
     try:
-        with hosting:
+        with hosting, ingesting:
             code = run(stdin, stdout, publisher, host=cfg.host, enrich=make_enricher(cfg, os.environ))
     except ConfigurationError as exc:
         fail(f"config error: {exc}", EX_CONFIG)
@@ -109,6 +114,7 @@ def serve(config: ConfigOption = None,
     setup_logging(verbose)
     from relay.daemon.serve import serve_forever
     from relay.delivery.smarthosts import Smarthosts
+    from relay.maildrop.ingest import for_relay
     from relay.render.renderer import Renderer
 
     try:
@@ -123,7 +129,7 @@ def serve(config: ConfigOption = None,
             loop.add_signal_handler(signum, stop.set)
         mailer = Smarthosts(cfg.smtp)
         try:
-            await serve_forever(cfg, mailer, stop, renderer=renderer)
+            await serve_forever(cfg, mailer, stop, renderer=renderer, maildrop=for_relay(cfg.source))
         finally:
             await mailer.close()
 
@@ -286,6 +292,51 @@ def sendmail(ctx: typer.Context) -> None:
     # sendmail's argv exactly as given: click would swallow "--" and re-read "-f" words.
     argv = sys.argv[sys.argv.index("sendmail") + 1:] if "sendmail" in sys.argv else ctx.args
     raise typer.Exit(run(["opsrelay sendmail", *argv], sys.stdin.buffer, sys.stderr))
+
+
+@app.command("maildrop")
+def maildrop_command(config: ConfigOption = None,
+                     keep_watching: Annotated[bool, typer.Option(
+                         "--watch", help="keep ingesting (on every submission, and every few seconds)")] = False,
+                     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Queue what users left in the maildrop (on a host that runs no relay: systemd's opsrelay-maildrop.path)."""
+    from relay.contract.urls import is_sqlite
+    from relay.engines import open_engine
+    from relay.maildrop.ingest import for_relay, watch
+
+    cfg = config_or_exit(config)
+    setup_logging(verbose)
+    maildrop = for_relay(cfg.source)
+    if maildrop is None:
+        fail(f"the maildrop {cfg.sendmail.maildrop} is not there or not ours to ingest", EX_UNAVAILABLE)
+
+    async def run() -> tuple[int, int]:
+        engine = None if is_sqlite(cfg.broker.url) else open_engine(cfg.broker.url,
+                                                                     confirm_timeout=cfg.broker.confirm_timeout)
+        try:
+            if engine is not None:
+                await engine.connect()
+            if keep_watching:
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(signum, stop.set)
+                await watch(maildrop, engine, stop)
+                return 0, 0
+            report = await maildrop.ingest(engine)
+            return len(report.queued) + len(report.already), len(report.rejected)
+        finally:
+            if engine is not None:
+                await engine.close()
+
+    try:
+        queued, rejected = asyncio.run(run())
+    except ConfigurationError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+    except RelayError as exc:
+        fail(f"broker unavailable: {exc}; the files stay in the maildrop", EX_TEMPFAIL)
+    if not keep_watching:
+        typer.echo(f"queued {queued} mail(s) from {maildrop.folder}" + (f", refused {rejected}" if rejected else ""))
 
 
 oauth2_app = typer.Typer(no_args_is_help=True, help="OAuth2 for XOAUTH2 smarthosts (Gmail, Microsoft 365).")

@@ -53,8 +53,13 @@ def queue_command(config: ConfigOption = None, as_json: JsonOption = False) -> N
     subs = [s.name for s in cfg.subscriptions]
     stats = with_engine(cfg, lambda engine: queue_stats(engine, cfg.broker.prefix, delays, subs,
                                                          cfg.smtp.smarthosts))
+    from relay.config.fast import load_path
+    from relay.maildrop.ingest import Maildrop
+
+    dropped, oldest = Maildrop(load_path(cfg.source)).waiting()
     if as_json:
-        echo_json(stats.to_dict())
+        echo_json({**stats.to_dict(), "maildrop": {"folder": cfg.sendmail.maildrop, "waiting": dropped,
+                                                   "oldest_seconds": None if oldest is None else round(oldest, 1)}})
         return
     faults: dict[str, list[str]] = {}
     for held in stats.held:
@@ -70,6 +75,9 @@ def queue_command(config: ConfigOption = None, as_json: JsonOption = False) -> N
         ready = "-" if q.ready is None else str(q.ready)
         note = "not declared yet" if q.ready is None else _ROLES[q.role]
         typer.echo(f"{q.name:<{width}}  {ready:>6}  {note}")
+    if dropped:
+        typer.echo(f"{cfg.sendmail.maildrop}: {dropped} mail(s) from local users waiting to be ingested, "
+                   f"the oldest for {round(oldest or 0)}s")
 
 
 def _summary_lines(entry: DeadEntry) -> list[str]:

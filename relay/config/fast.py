@@ -20,12 +20,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Any
 
-__all__ = ["SENDMAIL_MODES", "FastConfig", "load"]
+__all__ = ["DEFAULT_MAILDROP", "SENDMAIL_MODES", "FastConfig", "load", "load_path", "maildrop_of"]
 
 SENDMAIL_MODES = ("queue", "direct")
 DEFAULT_PREFIX = "opsrelay"
 DEFAULT_CONFIRM_TIMEOUT = 2.0
-_SENDMAIL_KEYS = frozenset(("mode", "max_size", "domain", "from_line_override", "senders"))
+_SENDMAIL_KEYS = frozenset(("mode", "max_size", "domain", "from_line_override", "senders", "maildrop", "trusted_users"))
+DEFAULT_MAILDROP = "/var/spool/opsrelay/maildrop"
 
 
 def default_host() -> str:
@@ -48,8 +49,8 @@ def _text(value: object) -> str:
 class FastConfig:
     """The sendmail-relevant part of the config, checked by the rules the models use."""
 
-    __slots__ = ("aliases", "busy_timeout", "domain", "from_line_override", "host", "max_size", "mode", "path",
-                 "prefix", "senders", "smtp_from", "url")
+    __slots__ = ("aliases", "busy_timeout", "domain", "from_line_override", "host", "maildrop", "max_size", "mode",
+                 "path", "prefix", "senders", "smtp_from", "trusted_users", "url")
 
     def __init__(self, data: Mapping[str, Any], path: str) -> None:
         self.path = path
@@ -72,6 +73,10 @@ class FastConfig:
                                                sendmail.get("from_line_override", True), rules.check_bool)
         self.senders: dict[str, str] = _check(path, "sendmail.senders", sendmail.get("senders", {}),
                                               rules.check_addresses)
+        self.maildrop: str = _check(path, "sendmail.maildrop", sendmail.get("maildrop", DEFAULT_MAILDROP),
+                                    rules.check_absolute_path)
+        self.trusted_users: tuple[str, ...] = _check(path, "sendmail.trusted_users", sendmail.get("trusted_users", []),
+                                                     rules.check_names)
 
 
 def _table(data: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:
@@ -86,6 +91,19 @@ def _check(path: str, key: str, value: object, check: Callable[[Any], Any]) -> A
         return check(value)
     except ValueError as exc:
         raise ConfigError(str(exc), path=path, key=key) from None
+
+
+def maildrop_of(env: Mapping[str, str]) -> str:
+    """The maildrop of a user who cannot read the config: the environment's, else the default."""
+    value = loader.env_overrides(env).get("sendmail", {}).get("maildrop", DEFAULT_MAILDROP)
+    return _check("(environment)", "sendmail.maildrop", value, rules.check_absolute_path)  # type: ignore[no-any-return]
+
+
+def load_path(path: str | None, env: Mapping[str, str] | None = None) -> FastConfig:
+    """The sendmail view of the config the relay was started with (``(defaults)``: none)."""
+    explicit = None if path in (None, "(defaults)") else path
+    where, data, _ = loader.read(explicit, env)
+    return FastConfig(data, where)
 
 
 def load(env: Mapping[str, str] | None = None) -> FastConfig:

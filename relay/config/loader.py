@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from relay.errors import ConfigError
+from relay.errors import ConfigError, ConfigUnreadable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -138,6 +138,8 @@ def _parse(path: str) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError("no such file", path=path) from None
+    except PermissionError as exc:
+        raise ConfigUnreadable(f"cannot read: {exc.strerror or exc}", path=path) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror or exc}", path=path) from None
     except tomllib.TOMLDecodeError as exc:

@@ -25,13 +25,15 @@ from pydantic import (
     model_validator,
 )
 
-from relay.config.fast import DEFAULT_CONFIRM_TIMEOUT, DEFAULT_PREFIX, default_host
+from relay.config.fast import DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAILDROP, DEFAULT_PREFIX, default_host
 from relay.config.loader import read
 from relay.config.rules import (
     DEFAULT_MAX_SIZE,
+    check_absolute_path,
     check_address,
     check_duration,
     check_name,
+    check_names,
     check_sender,
     parse_size,
 )
@@ -171,6 +173,10 @@ class SendmailConfig(_Strict):
     from_line_override: bool = True
     # Envelope sender per local user (ssmtp's revaliases), after -f and before smtp.from.
     senders: dict[str, Address] = Field(default_factory=dict)
+    # Where users who cannot write the queue leave their mail (root's, mode 1733; serve makes it).
+    maildrop: Annotated[str, BeforeValidator(check_absolute_path)] = DEFAULT_MAILDROP
+    # Users whose -f is taken from the maildrop as given (root's always is); others send as themselves.
+    trusted_users: Annotated[tuple[str, ...], BeforeValidator(check_names)] = ()
 
 
 class GroupBy(StrEnum):

@@ -13,12 +13,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
+    "check_absolute_path",
     "check_address",
     "check_addresses",
     "check_bool",
     "check_domain",
     "check_duration",
     "check_name",
+    "check_names",
     "check_sender",
     "check_size",
     "parse_size",
@@ -118,3 +120,16 @@ def check_bool(value: Any) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise ValueError("must be true or false")
+
+
+def check_absolute_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return value
+
+
+def check_names(value: object) -> tuple[str, ...]:
+    """A list of login names (``sendmail.trusted_users``)."""
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v and v.strip() == v for v in value):
+        raise ValueError("must be a list of login names")
+    return tuple(value)

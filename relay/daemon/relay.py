@@ -32,6 +32,7 @@ from relay.delivery.outcome import Mailer, OverBudget, SendResult
 from relay.delivery.plan import DeadLetter, Decision, Delivered, Hold, Plan, Retry, decide
 from relay.engines.base import Delivery, Engine
 from relay.errors import BrokerUnavailable, ConfigurationError, MessageDecodeError, PermanentError, RelayError
+from relay.maildrop.ingest import Maildrop, watch
 from relay.notify.keeper import REFRESH, StateKeeper
 from relay.notify.notice import Notice, NoticeKind
 from relay.notify.notifier import Notifier
@@ -62,8 +63,11 @@ def relay_topology(config: Config) -> Topology:
 
 class Relay:
     def __init__(self, config: Config, engine: Engine, mailer: Mailer, *,
-                 renderer: Renderer | None = None, grace: float = 30.0, hold_back: float = 5.0) -> None:
+                 renderer: Renderer | None = None, grace: float = 30.0, hold_back: float = 5.0,
+                 maildrop: Maildrop | None = None) -> None:
         self.config = config
+        # Ingested beside the consumers, into this engine's outbound queue (relay.maildrop).
+        self.maildrop = maildrop
         self.engine = engine
         self.mailer = mailer
         # Counted in the broker when a smarthost has max_per_minute / max_per_day.
@@ -101,8 +105,10 @@ class Relay:
         consumers.append(asyncio.create_task(
             self._consume(outbound_queue(self.prefix), self.handle_mail,
                           concurrency=self.config.smtp.pool_size), name="outbound"))
-        log.info("relay: consuming %d subscription(s) and %s",
-                 len(self.config.subscriptions), outbound_queue(self.prefix))
+        if self.maildrop is not None:
+            consumers.append(asyncio.create_task(watch(self.maildrop, self.engine, stop), name="maildrop"))
+        log.info("relay: consuming %d subscription(s) and %s%s", len(self.config.subscriptions),
+                 outbound_queue(self.prefix), f"; ingesting {self.maildrop.folder}" if self.maildrop else "")
         stopping = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopping, *consumers], return_when=asyncio.FIRST_COMPLETED)

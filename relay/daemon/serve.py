@@ -11,6 +11,7 @@ from relay.daemon.relay import Relay
 from relay.delivery.outcome import Mailer
 from relay.engines import open_engine
 from relay.errors import BrokerUnavailable
+from relay.maildrop.ingest import Maildrop
 from relay.render.renderer import Renderer
 from relay.timing import doubling
 
@@ -22,7 +23,8 @@ RECONNECT_FIRST = 0.5
 
 
 async def serve_forever(config: Config, mailer: Mailer, stop: asyncio.Event, *,
-                        renderer: Renderer | None = None, max_delay: float = 30.0, grace: float = 30.0) -> None:
+                        renderer: Renderer | None = None, max_delay: float = 30.0, grace: float = 30.0,
+                        maildrop: Maildrop | None = None) -> None:
     """Run the relay until ``stop``; a broker that is down or goes away is waited for with backoff.
 
     A lost connection ends the running :class:`Relay` (its unacked deliveries return to the
@@ -35,7 +37,7 @@ async def serve_forever(config: Config, mailer: Mailer, stop: asyncio.Event, *,
         try:
             await engine.connect()
             failures = 0
-            await Relay(config, engine, mailer, renderer=renderer, grace=grace).run(stop)
+            await Relay(config, engine, mailer, renderer=renderer, grace=grace, maildrop=maildrop).run(stop)
         except BrokerUnavailable as exc:
             failures += 1
             log.warning("relay: broker unavailable (%s); reconnecting in %.1fs", exc,

@@ -32,6 +32,7 @@ __all__ = [
     "decode_headers",
     "encode_headers",
     "enqueue",
+    "enqueue_in",
     "immediate",
     "insert",
     "now_ms",
@@ -154,10 +155,16 @@ def enqueue(conn: sqlite3.Connection, queue: str, body: bytes, message_id: str, 
 
     What a submission needs, without the routing of :mod:`relay.engines.sqlite_store`.
     """
-    encoded = encode_headers(headers)
     with immediate(conn):
-        found = conn.execute("SELECT ttl_ms FROM queues WHERE name = ?", (queue,)).fetchone()
-        if found is None:
-            conn.execute("INSERT INTO queues VALUES (?, NULL, NULL)", (queue,))
-        ttl = None if found is None else found[0]
-        insert(conn, queue, body, message_id, content_type, encoded, queue, None if ttl is None else now_ms() + ttl)
+        enqueue_in(conn, queue, body, message_id, content_type, headers)
+
+
+def enqueue_in(conn: sqlite3.Connection, queue: str, body: bytes, message_id: str, content_type: str,
+               headers: Mapping[str, HeaderValue]) -> None:
+    """:func:`enqueue` inside the caller's write transaction (to commit it with something else)."""
+    found = conn.execute("SELECT ttl_ms FROM queues WHERE name = ?", (queue,)).fetchone()
+    if found is None:
+        conn.execute("INSERT INTO queues VALUES (?, NULL, NULL)", (queue,))
+    ttl = None if found is None else found[0]
+    insert(conn, queue, body, message_id, content_type, encode_headers(headers), queue,
+           None if ttl is None else now_ms() + ttl)

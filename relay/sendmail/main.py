@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 import sys
 
-from relay.errors import ConfigurationError, RelayError
-from relay.sendmail.addresses import AddressError, envelope_sender, parse_address_list, qualify, resolve_recipient
+from relay.config.rules import DEFAULT_MAX_SIZE
+from relay.errors import ConfigUnreadable, ConfigurationError, RelayError
 from relay.sendmail.args import LIST_QUEUE, UsageError, parse_argv
+from relay.sendmail.compose import SubmissionError, compose, sender_of, user_of
 from relay.sendmail.exits import EX_CONFIG, EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_USAGE, reason
-from relay.sendmail.prep import MessageError, prepare, read_message
+from relay.sendmail.prep import MessageError, read_message
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -36,41 +37,6 @@ if TYPE_CHECKING:
     Say = Callable[[str], None]
 
 __all__ = ["main", "run"]
-
-
-class _Fail(Exception):
-    """Ends the run with this exit code and one line on stderr."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _user() -> tuple[str, str]:
-    """The invoking user's login name and the first field of its GECOS (the full name)."""
-    import pwd
-
-    try:
-        entry = pwd.getpwuid(os.getuid())
-    except KeyError:
-        return os.environ.get("LOGNAME") or os.environ.get("USER") or str(os.getuid()), ""
-    return entry.pw_name, entry.pw_gecos.split(",")[0]
-
-
-def _recipients(words: Sequence[str], found: Sequence[str], cfg: FastConfig, from_headers: bool) -> tuple[str, ...]:
-    addresses: list[str] = []
-    for word in words:
-        try:
-            addresses += parse_address_list(word)
-        except AddressError as exc:
-            raise _Fail(EX_USAGE, f"recipient {exc}") from None
-    addresses += found
-    resolved = dict.fromkeys(resolve_recipient(a, cfg.aliases, cfg.domain) for a in addresses)
-    if not resolved:
-        if from_headers:
-            raise _Fail(EX_DATAERR, "no recipients: the message has no To, Cc or Bcc and none was named")
-        raise _Fail(EX_USAGE, "no recipients: name them on the command line, or use -t to read To/Cc/Bcc")
-    return tuple(resolved)
 
 
 def run(argv: Sequence[str], stdin: BinaryIO | None, stderr: TextIO,
@@ -89,18 +55,26 @@ def run(argv: Sequence[str], stdin: BinaryIO | None, stderr: TextIO,
         return EX_USAGE
     from relay.config import fast as fastconfig
 
+    environ = os.environ if env is None else env
+    cfg: FastConfig | None = None
     try:
-        cfg = fastconfig.load(os.environ if env is None else env)
+        cfg = fastconfig.load(environ)
+        maildrop = cfg.maildrop
+    except ConfigUnreadable:
+        if invocation.mode == LIST_QUEUE:
+            say("the queue is not yours to list (the config cannot be read)")
+            return EX_CONFIG
+        maildrop = fastconfig.maildrop_of(environ)
     except ConfigurationError as exc:
         say(f"config error: {exc}")
         return EX_CONFIG
-    if invocation.mode == LIST_QUEUE:
+    if invocation.mode == LIST_QUEUE and cfg is not None:
         from relay.sendmail.mailq import list_queue
 
         return list_queue(cfg, sys.stdout, say)
     try:
-        return _submit(invocation, cfg, stdin, say)
-    except _Fail as exc:
+        return _submit(invocation, cfg, maildrop, stdin, say)
+    except SubmissionError as exc:
         say(str(exc))
         return exc.code
     except KeyboardInterrupt:
@@ -108,50 +82,70 @@ def run(argv: Sequence[str], stdin: BinaryIO | None, stderr: TextIO,
         return EX_TEMPFAIL
 
 
-def _submit(invocation: Invocation, cfg: FastConfig, stdin: BinaryIO | None, say: Say) -> int:
+def _submit(invocation: Invocation, cfg: FastConfig | None, maildrop: str, stdin: BinaryIO | None,
+            say: Say) -> int:
     import time
 
-    user, gecos = _user()
-    try:
-        sender = envelope_sender(invocation.sender, user, cfg.senders, cfg.smtp_from, cfg.domain)
-    except AddressError as exc:
-        raise _Fail(EX_USAGE, f"sender {exc}") from None
-    try:
-        # sys.stdin.buffer is a BufferedReader: read1 returns what is there, so "." can end the input.
-        data = read_message(stdin, dot_ends=invocation.dot_ends, max_size=cfg.max_size) if stdin else b""  # type: ignore[arg-type]
-    except OSError as exc:
-        raise _Fail(EX_TEMPFAIL, f"cannot read the message: {exc.strerror or exc}") from None
-    except MessageError as exc:
-        raise _Fail(EX_DATAERR, str(exc)) from None
-    from_address = sender or qualify(user, cfg.domain)
-    now = time.time()
-    try:
-        prepared = prepare(data, from_address=from_address,
-                           full_name=invocation.full_name if invocation.full_name is not None else gecos,
-                           extract_recipients=invocation.from_headers, from_line_override=cfg.from_line_override,
-                           now=now, unique=f"{os.getpid()}.{os.urandom(5).hex()}",
-                           domain=from_address.rpartition("@")[2] or cfg.domain)
-    except MessageError as exc:
-        raise _Fail(EX_DATAERR, str(exc)) from None
-    recipients = _recipients(invocation.recipients, prepared.header_recipients, cfg, invocation.from_headers)
     from relay.contract.envelope import new_mail_id
 
+    uid = os.getuid()
+    user, gecos = user_of(uid)
+    sender = sender_of(invocation.sender, user, cfg) if cfg is not None else ""
+    try:
+        # sys.stdin.buffer is a BufferedReader: read1 returns what is there, so "." can end the input.
+        data = read_message(stdin, dot_ends=invocation.dot_ends,  # type: ignore[arg-type]
+                            max_size=cfg.max_size if cfg is not None else DEFAULT_MAX_SIZE) if stdin else b""
+    except OSError as exc:
+        raise SubmissionError(EX_TEMPFAIL, f"cannot read the message: {exc.strerror or exc}") from None
+    except MessageError as exc:
+        raise SubmissionError(EX_DATAERR, str(exc)) from None
+    now = time.time()
     message_id = new_mail_id()
+    if cfg is None:
+        # The config is not ours to read (it holds the relay's secrets): the relay applies it on ingest.
+        return _drop(invocation, uid, data, now, message_id, maildrop, say)
+    composed = compose(data, sender=sender, user=user, gecos=gecos, full_name=invocation.full_name,
+                       recipients=invocation.recipients, from_headers=invocation.from_headers, cfg=cfg, now=now,
+                       unique=f"{os.getpid()}.{os.urandom(5).hex()}")
     if cfg.mode == "direct":
         from relay.sendmail.direct import deliver_now
 
-        return deliver_now(sender, recipients, prepared.raw, message_id, say, verbose=invocation.verbose)
+        return deliver_now(composed.sender, composed.recipients, composed.raw, message_id, say,
+                           verbose=invocation.verbose)
     from relay.sendmail.outbound import queue_mail
 
     try:
-        queue, poked = queue_mail(cfg, sender, recipients, prepared.raw, message_id)
+        queue, poked = queue_mail(cfg, composed.sender, composed.recipients, composed.raw, message_id)
     except ConfigurationError as exc:
-        raise _Fail(EX_CONFIG, f"config error: {exc}") from None
+        raise SubmissionError(EX_CONFIG, f"config error: {exc}") from None
+    except PermissionError:
+        # The queue is root's: leave the submission in the maildrop, for the relay to ingest.
+        return _drop(invocation, uid, data, now, message_id, cfg.maildrop, say)
     except (OSError, RelayError) as exc:
-        raise _Fail(EX_TEMPFAIL, f"cannot queue the mail ({reason(exc)}); nothing was queued") from None
+        raise SubmissionError(EX_TEMPFAIL, f"cannot queue the mail ({reason(exc)}); nothing was queued") from None
     if invocation.verbose:
-        say(f"queued {message_id} ({len(prepared.raw)} bytes) from <{sender}> to {', '.join(recipients)} "
-            f"in {queue}" + (f"; relay woken ({poked})" if poked else "; no relay is listening right now"))
+        say(f"queued {message_id} ({len(composed.raw)} bytes) from <{composed.sender}> to "
+            f"{', '.join(composed.recipients)} in {queue}"
+            + (f"; relay woken ({poked})" if poked else "; no relay is listening right now"))
+    return EX_OK
+
+
+def _drop(invocation: Invocation, uid: int, data: bytes, now: float, message_id: str, maildrop: str,
+          say: Say) -> int:
+    from relay.contract.maildrop import Drop
+    from relay.maildrop.drop import poke_ingest, write_drop
+
+    drop = Drop(uid=uid, recipients=invocation.recipients, from_headers=invocation.from_headers,
+                sender=invocation.sender, full_name=invocation.full_name, submitted=now, message=data)
+    try:
+        write_drop(maildrop, message_id, drop)
+    except OSError as exc:
+        raise SubmissionError(EX_TEMPFAIL, f"cannot leave the mail in the maildrop {maildrop} ({reason(exc)}); "
+                              "nothing was queued") from None
+    woken = poke_ingest(maildrop)
+    if invocation.verbose:
+        say(f"left {message_id} ({len(data)} bytes) in the maildrop {maildrop} for the relay"
+            + ("; relay woken" if woken else "; no relay is listening right now"))
     return EX_OK
 
 
