@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv test lint typecheck pytest rabbitmq mail-clients demo bench clean
+.PHONY: venv test lint typecheck pytest rabbitmq mail-clients test-users demo bench clean
 
 venv: $(STAMP)
 
@@ -24,13 +24,17 @@ rabbitmq:
 mail-clients:
 	scripts/ensure-mail-clients.sh
 
+# Unprivileged users for the maildrop tests (opsrelay-t1..t4); needs root, like the installs above.
+test-users:
+	scripts/ensure-test-users.sh
+
 lint: venv
 	$(BIN)/ruff check .
 
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv rabbitmq mail-clients
+pytest: venv rabbitmq mail-clients test-users
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

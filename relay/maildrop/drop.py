@@ -32,8 +32,13 @@ def _check_folder(fd: int, path: str) -> None:
 
 
 def write_drop(folder: str, name: str, drop: Drop) -> None:
-    """``folder/name`` holds ``drop`` completely and durably on return; OSError and no file otherwise."""
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    """``folder/name`` holds ``drop`` completely and durably on return; OSError and no file otherwise.
+
+    The folder is opened with O_PATH: mode 1733 lets others create and rename in it, not read it.
+    Its fsync needs read access, so a user who has none relies on the file's own fsync and on the
+    filesystem to keep the rename (ext4 and xfs commit a rename over a fsynced file in order).
+    """
+    dir_fd = os.open(folder, os.O_PATH | os.O_DIRECTORY)
     try:
         _check_folder(dir_fd, folder)
         tmp = name + TMP_SUFFIX
@@ -50,12 +55,23 @@ def write_drop(folder: str, name: str, drop: Drop) -> None:
         os.close(fd)
         try:
             os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            os.fsync(dir_fd)
         except BaseException:
             _remove(tmp, dir_fd)
             raise
+        _sync_folder(folder)
     finally:
         os.close(dir_fd)
+
+
+def _sync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:
+        return  # not listable by us (1733): see write_drop
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(name: str, dir_fd: int) -> None:

@@ -40,10 +40,11 @@ from relay.contract.envelope import CONTENT_TYPE
 from relay.contract.mail import OutboundMail, to_message
 from relay.contract.maildrop import TMP_SUFFIX, Drop, decode_drop, is_drop_name
 from relay.contract.names import outbound_queue
+from relay.contract.topology import full_topology
 from relay.contract.urls import is_sqlite, sqlite_path
 from relay.engines import sqlite_rows
 from relay.engines.base import Engine
-from relay.errors import MessageDecodeError
+from relay.errors import MessageDecodeError, RelayError
 from relay.maildrop.drop import WAKE_SOCKET
 from relay.sendmail.compose import SubmissionError, compose, sender_of, user_of
 
@@ -62,8 +63,11 @@ def ensure_layout(folder: str) -> None:
     owners put right when they are wrong."""
     parent = os.path.dirname(folder.rstrip("/"))
     for path, mode in ((parent, 0o755), (folder, 0o1733), (os.path.join(parent, "rejected"), 0o700)):
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(path, mode)
+            os.chmod(path, mode)  # mkdir's mode went through the umask
+        except FileExistsError:
+            pass
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode):
             raise OSError(f"{path} is not a folder")
@@ -107,6 +111,7 @@ class Maildrop:
         self.folder = cfg.maildrop
         self.parent = os.path.dirname(self.folder.rstrip("/"))
         self.rejected = os.path.join(self.parent, "rejected")
+        self._declared: Engine | None = None
 
     # -- what waits ---------------------------------------------------------------------------
 
@@ -224,6 +229,10 @@ class Maildrop:
             return queued
         if engine is None:
             raise OSError("a RabbitMQ broker needs its engine to ingest into")
+        if engine is not self._declared:
+            # A fleet member may run no relay: declare outbound (idempotent) as sendmail does.
+            await engine.declare(full_topology(self.cfg.prefix, [], []))
+            self._declared = engine
         ledger = os.path.join(self.parent, "ingested.db")
         if await asyncio.to_thread(_seen, ledger, mail.message_id):
             return False
@@ -237,7 +246,13 @@ class Maildrop:
         """Out of the way, unread; a person can look at it in rejected/."""
         rejected = os.open(self.rejected, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
-            target = f"{int(time.time())}-{name[:120]}"
+            target = base = f"{int(time.time())}-{name[:120]}"
+            for n in range(1, 100):  # never over an earlier refusal of the same name
+                try:
+                    os.lstat(target, dir_fd=rejected)
+                except FileNotFoundError:
+                    break
+                target = f"{base}.{n}"
             os.rename(name, target, src_dir_fd=folder, dst_dir_fd=rejected)
         except OSError as exc:
             log.error("maildrop: %s refused (%s) and could not be moved away: %s", name, why, exc.strerror or exc)
@@ -328,8 +343,10 @@ async def watch(maildrop: Maildrop, engine: Engine | None, stop: asyncio.Event, 
             poked.clear()
             try:
                 await maildrop.ingest(engine)
-            except OSError as exc:
-                log.error("maildrop: ingest of %s failed: %s", maildrop.folder, exc.strerror or exc)
+            except (OSError, RelayError) as exc:
+                # The files stay; the next pass (a poke, or the timer) tries again.
+                log.error("maildrop: ingest of %s failed: %s", maildrop.folder,
+                          exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
             waits = [asyncio.create_task(poked.wait()), asyncio.create_task(stop.wait())]
             await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
             for task in waits:

@@ -4,4 +4,4 @@ import sys
 
 from relay.sendmail.main import main
 
-sys.exit(main())
+sys.exit(main(["opsrelay-sendmail", *sys.argv[1:]]))
