@@ -32,7 +32,6 @@ from tests.integration.faults import cleanup_broker, wait_until
 from tests.integration.test_maildrop import (
     DOMAIN,
     OPS,
-    REPO,
     DropHost,
     ServeProcess,
     User,
@@ -45,6 +44,7 @@ from tests.integration.test_maildrop import (
     require,
     run_as,
     user_python,
+    user_src,
     users,
     wait_until_received,
 )
@@ -69,7 +69,7 @@ def installed_sendmail(host: DropHost) -> Path:
     folder.mkdir(mode=0o755)
     script = folder / "opsrelay-sendmail"
     # argv[0] as the console script has it, so that its messages say "opsrelay-sendmail: ...".
-    script.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {python} -c 'import sys; from relay.sendmail.main "
+    script.write_text(f"#!/bin/sh\nPYTHONPATH={user_src()} exec {python} -c 'import sys; from relay.sendmail.main "
                       "import main; sys.exit(main([\"opsrelay-sendmail\", *sys.argv[1:]]))' \"$@\"\n")
     script.chmod(0o755)
     return script
@@ -163,7 +163,7 @@ async def test_opsrelay_listen_under_supervisord_ingests_into_rabbitmq_while_no_
         "supervisor.rpcinterface_factory=supervisor.rpcinterface:make_main_rpcinterface", "",
         "[eventlistener:opsrelay]", f"command={BIN / 'opsrelay'} listen --config {host.config}",
         "events=PROCESS_STATE", f"stderr_logfile={logs / 'listener.log'}",
-        f'environment=PYTHONPATH="{REPO}",PYTHONUNBUFFERED="1"', "",
+        f'environment=PYTHONPATH="{user_src()}",PYTHONUNBUFFERED="1"', "",
     ]) + "\n")
     supervisord = start_supervisord(conf)
     listener_log = logs / "listener.log"

@@ -325,10 +325,12 @@ class RunningRelay:
 
 
 @asynccontextmanager
-async def running_relay(config: Config, *, stop_timeout: float = 20.0) -> AsyncIterator[RunningRelay]:
-    """``serve_forever`` on this loop with the relay's real Mailer; stopped through its stop Event on exit."""
+async def running_relay(config: Config, *, stop_timeout: float = 20.0,
+                        mailer: Smarthosts | None = None) -> AsyncIterator[RunningRelay]:
+    """``serve_forever`` on this loop with the relay's real Mailer (``mailer``: one the test watches);
+    stopped through its stop Event on exit."""
     stop = asyncio.Event()
-    mailer = Smarthosts(config.smtp)
+    mailer = mailer or Smarthosts(config.smtp)
     task = asyncio.create_task(serve_forever(config, mailer, stop), name="relay-under-test")
     relay = RunningRelay(task, stop, mailer)
     try:

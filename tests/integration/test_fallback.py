@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.config.models import Config
 from relay.contract.mail import from_message
 from relay.contract.message import Message
-from relay.daemon.serve import serve_forever
 from relay.delivery.outcome import Budget, SendResult
 from relay.delivery.smarthosts import Smarthosts
 from relay.engines.base import Delivery, Engine
@@ -33,6 +31,7 @@ from tests.integration.faults import (
     Broker,
     Ledger,
     Rig,
+    RunningRelay,
     Servers,
     Watch,
     fill_outbound,
@@ -40,6 +39,7 @@ from tests.integration.faults import (
     reconcile,
     relay_settings,
     retry_queues,
+    running_relay,
     steady_port,
 )
 from tests.smtp_server import SmtpServer, _Handler
@@ -80,38 +80,9 @@ class RecordingSmarthosts(Smarthosts):
         return [o for o in self.outcomes if isinstance(o, SendResult)]
 
 
-@dataclass
-class RunningRelay:
-    task: asyncio.Task[None]
-    stop: asyncio.Event
-    mailer: RecordingSmarthosts
-
-    def check(self) -> None:
-        if self.task.done():
-            self.task.result()
-            raise AssertionError("the relay returned before it was stopped")
-
-
-@asynccontextmanager
-async def running_smarthosts(config: Config, *, stop_timeout: float = 20.0) -> AsyncIterator[RunningRelay]:
-    """As :func:`tests.integration.faults.running_relay`, but delivering through Smarthosts (the
-    relay's Mailer since fallbacks: ``opsrelay serve`` builds one in relay.daemon.hosted)."""
-    stop = asyncio.Event()
-    mailer = RecordingSmarthosts(config)
-    task = asyncio.create_task(serve_forever(config, mailer, stop), name="relay-under-test")
-    relay = RunningRelay(task, stop, mailer)
-    try:
-        yield relay
-    finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), stop_timeout)
-        except TimeoutError:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise AssertionError(f"the relay did not stop within {stop_timeout:g}s of its stop Event") from None
-        finally:
-            await mailer.close()
+def running_smarthosts(config: Config, *, stop_timeout: float = 20.0) -> AbstractAsyncContextManager[RunningRelay]:
+    """The relay of :func:`tests.integration.faults.running_relay`, with Smarthosts that record outcomes."""
+    return running_relay(config, stop_timeout=stop_timeout, mailer=RecordingSmarthosts(config))
 
 
 def with_fallbacks(broker: Broker, primary: SmtpServer, fallbacks: Sequence[SmtpServer], *,

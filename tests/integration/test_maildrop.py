@@ -123,6 +123,21 @@ def run_as(user: User, argv: Sequence[str], *, env: Mapping[str, str] | None = N
 
 
 @functools.cache
+def user_src() -> Path:
+    """A copy of ``relay/`` the test users can read: the checkout may sit where they cannot
+    (CI's clone, a home of mode 0700); removed at exit."""
+    import atexit
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="opsrelay-src-", dir="/tmp"))
+    shutil.copytree(REPO / "relay", base / "relay", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [base, *base.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    return base
+
+
+@functools.cache
 def user_python() -> str | None:
     """An interpreter of this Python version that the test users can run, with this checkout importable."""
     user = _lookup(TEST_USERS[0])
@@ -132,7 +147,7 @@ def user_python() -> str | None:
     candidates = [sys.executable, *(shutil.which(f"python{wanted}", path=p) for p in ("/usr/bin", "/usr/local/bin"))]
     for candidate in dict.fromkeys(c for c in candidates if c):
         probe = "import sys, relay.sendmail.main; print('%d.%d' % sys.version_info[:2])"
-        done = run_as(user, [candidate, "-c", probe], env={"PYTHONPATH": str(REPO)}, timeout=30)
+        done = run_as(user, [candidate, "-c", probe], env={"PYTHONPATH": str(user_src())}, timeout=30)
         if done.returncode == 0 and done.stdout.decode().strip() == wanted:
             return candidate
     return None
@@ -147,7 +162,7 @@ def users() -> dict[str, User]:
     require(not missing, f"test users {', '.join(missing)} do not exist (scripts/ensure-test-users.sh creates them)")
     python = user_python()
     require(python is not None, f"no python{sys.version_info.major}.{sys.version_info.minor} that "
-            f"{TEST_USERS[0]} can run with {REPO} importable (is the checkout world-readable?)")
+            f"{TEST_USERS[0]} can run with {user_src()} importable")
     return {name: user for name, user in found.items() if user is not None}
 
 
@@ -221,7 +236,7 @@ class DropHost:
     # -- as a user ----------------------------------------------------------------------------
 
     def user_env(self, *, maildrop_env: bool = True) -> dict[str, str]:
-        env = {"PYTHONPATH": str(REPO), "OPSRELAY_CONFIG": str(self.config)}
+        env = {"PYTHONPATH": str(user_src()), "OPSRELAY_CONFIG": str(self.config)}
         if maildrop_env:
             env["OPSRELAY_SENDMAIL__MAILDROP"] = str(self.maildrop)
         return env
@@ -238,7 +253,7 @@ class DropHost:
         """A snippet of Python as ``user`` (with this checkout importable): sys.argv[1:] are ``args``."""
         python = user_python()
         assert python is not None
-        return run_as(user, [python, "-c", code, *args], env={"PYTHONPATH": str(REPO)})
+        return run_as(user, [python, "-c", code, *args], env={"PYTHONPATH": str(user_src())})
 
     # -- as root ------------------------------------------------------------------------------
 
@@ -284,7 +299,7 @@ class DropHost:
 def root_env(**extra: str) -> dict[str, str]:
     """Root's environment for opsrelay processes: this checkout first, no OPSRELAY_* overrides."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPSRELAY_")}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)
+    env.update(PYTHONPATH=str(user_src()), PYTHONUNBUFFERED="1", **extra)
     return env
 
 

@@ -20,7 +20,6 @@ import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from relay.cli.app import app
-from relay.config.models import Config, load_config
-from relay.daemon.serve import serve_forever
-from relay.delivery.smarthosts import Smarthosts
+from relay.config.models import load_config
 from relay.errors import ConfigError
 from tests.integration.faults import (
     Broker,
@@ -43,6 +40,7 @@ from tests.integration.faults import (
     reconcile,
     relay_settings,
     retry_queues,
+    running_relay,
     steady_port,
 )
 from tests.oauth_servers import CLIENT_ID, CLIENT_SECRET, SCOPE, Down, TokenEndpoint, XOAuth2SmtpServer
@@ -191,38 +189,6 @@ def leaked(text: str, endpoint: TokenEndpoint, *more: str) -> int:
     A count, so that a failing assert never prints a secret itself.
     """
     return sum(1 for secret in (*endpoint.secret_values(), *more) if secret and secret in text)
-
-
-@dataclass
-class RunningRelay:
-    task: asyncio.Task[None]
-    mailer: Smarthosts
-
-    def check(self) -> None:
-        """Raise when the relay ended on its own (it must run until stopped)."""
-        if self.task.done():
-            self.task.result()
-            raise AssertionError("the relay returned before it was stopped")
-
-
-@asynccontextmanager
-async def running_relay(config: Config, *, stop_timeout: float = 20.0) -> AsyncIterator[RunningRelay]:
-    """``serve_forever`` with the relay's own Mailer, Smarthosts, as ``opsrelay serve`` builds it."""
-    stop = asyncio.Event()
-    mailer = Smarthosts(config.smtp)
-    task = asyncio.create_task(serve_forever(config, mailer, stop), name="relay-under-test")
-    try:
-        yield RunningRelay(task, mailer)
-    finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), stop_timeout)
-        except TimeoutError:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise AssertionError(f"the relay did not stop within {stop_timeout:g}s") from None
-        finally:
-            await mailer.close()
 
 
 def why_not(logs: pytest.LogCaptureFixture, endpoint: TokenEndpoint, server: XOAuth2SmtpServer) -> str:
