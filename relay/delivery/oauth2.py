@@ -50,47 +50,49 @@ class TokenSource(Protocol):
         """What ``opsrelay check`` says about the source (no secret)."""
 
 
-class _Cached:
-    """The token and when to stop using it, behind one lock."""
+class _CachedTokens:
+    """A source's token and when to stop using it: one fetch, behind one lock, serves every waiter."""
 
     def __init__(self) -> None:
         self._token: str | None = None
         self._until = 0.0
         self._lock = asyncio.Lock()
 
-    def valid(self) -> str | None:
+    def _valid(self) -> str | None:
         return self._token if self._token is not None and time.monotonic() < self._until else None
 
-    def keep(self, token: str, seconds: float) -> str:
-        self._token, self._until = token, time.monotonic() + max(0.0, seconds)
-        return token
+    async def token(self) -> str:
+        if (token := self._valid()) is not None:
+            return token
+        async with self._lock:
+            if (token := self._valid()) is not None:
+                return token
+            token, seconds = await self._fetch()
+            self._token, self._until = token, time.monotonic() + max(0.0, seconds)
+            return token
 
-    def drop(self) -> None:
+    def refused(self) -> None:
         self._token, self._until = None, 0.0
 
+    async def _fetch(self) -> tuple[str, float]:
+        """A new token and how many seconds to use it."""
+        raise NotImplementedError
 
-class CommandTokens:
+
+class CommandTokens(_CachedTokens):
     """``token_command``: a program that prints an access token (msmtp's passwordeval, without a shell)."""
 
     def __init__(self, config: OAuth2Config) -> None:
+        super().__init__()
         self._argv = shlex.split(config.token_command)
         self._lifetime = config.token_lifetime
-        self._cache = _Cached()
 
     @property
     def describe(self) -> str:
         return f"token_command {self._argv[0]}"
 
-    def refused(self) -> None:
-        self._cache.drop()
-
-    async def token(self) -> str:
-        if (token := self._cache.valid()) is not None:
-            return token
-        async with self._cache._lock:
-            if (token := self._cache.valid()) is not None:
-                return token
-            return self._cache.keep(await self._run(), self._lifetime)
+    async def _fetch(self) -> tuple[str, float]:
+        return await self._run(), self._lifetime
 
     async def _run(self) -> str:
         try:
@@ -114,29 +116,18 @@ class CommandTokens:
         return token
 
 
-class EndpointTokens:
+class EndpointTokens(_CachedTokens):
     """``grant = "refresh_token"`` or ``"client_credentials"`` at ``token_url`` (RFC 6749 §6 and §4.4)."""
 
     def __init__(self, config: OAuth2Config) -> None:
         assert config.grant is not None
+        super().__init__()
         self._config = config
-        self._cache = _Cached()
         self._client: Any = None  # httpx.AsyncClient, made on first use
 
     @property
     def describe(self) -> str:
         return f"{self._config.grant} grant at {self._config.token_url}"
-
-    def refused(self) -> None:
-        self._cache.drop()
-
-    async def token(self) -> str:
-        if (token := self._cache.valid()) is not None:
-            return token
-        async with self._cache._lock:
-            if (token := self._cache.valid()) is not None:
-                return token
-            return await self._fetch()
 
     def _form(self) -> dict[str, str]:
         c = self._config
@@ -154,7 +145,7 @@ class EndpointTokens:
                                  f"{exc.strerror or exc} (opsrelay oauth2 login writes it)") from None
         return form
 
-    async def _fetch(self) -> str:
+    async def _fetch(self) -> tuple[str, float]:
         import httpx
 
         if self._client is None:
@@ -186,7 +177,7 @@ class EndpointTokens:
                 log.error("oauth2: could not write the new refresh token to %s: %s",
                           self._config.refresh_token_file, exc.strerror or exc)
         log.info("oauth2: new access token from %s, valid %ds", self.describe, int(lifetime))
-        return self._cache.keep(token, lifetime - self._config.refresh_margin)
+        return token, lifetime - self._config.refresh_margin
 
     async def close(self) -> None:
         if self._client is not None:
