@@ -9,6 +9,7 @@ is closed and whatever it declared is deleted afterwards (tests/brokers.py). ``s
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -48,3 +49,15 @@ async def rig(broker: Broker, servers: Servers) -> AsyncIterator[Rig]:
     made = Rig(broker)
     yield made
     await broker.cleanup()
+
+
+@pytest.fixture
+def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OPSRELAY_* from the caller's shell, and no config found by the search path."""
+    for name in list(os.environ):
+        if name.startswith("OPSRELAY_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)

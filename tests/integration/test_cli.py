@@ -15,7 +15,8 @@ from typer.testing import CliRunner, Result
 from relay.cli.app import app
 from tests.smtp_server import DEFAULT_PASSWORD, SmtpServer, free_port
 
-pytestmark = pytest.mark.timeout(60)
+# clean_environment: no OPSRELAY_* from the caller, no config on the search path (the conftest's).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("clean_environment")]
 
 EX_CONFIG = 78
 OPSRELAY = Path(sys.executable).parent / "opsrelay"
@@ -46,18 +47,6 @@ to = ["raw@example.com"]
 patterns = ["proc.db%2Emain.#"]
 unexpected_only = false
 """
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OPSRELAY_* from the caller's shell, and no config found by the search path."""
-    for name in list(os.environ):
-        if name.startswith("OPSRELAY_"):
-            monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(tmp_path)
 
 
 def write(path: Path, text: str) -> Path:

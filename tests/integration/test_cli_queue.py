@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,25 +33,14 @@ from tests.brokers import delete_topology
 from tests.doubles import RecordingMailer
 from tests.smtp_server import free_port
 
-pytestmark = pytest.mark.timeout(60)
+# clean_environment: no OPSRELAY_* from the caller, no config on the search path (the conftest's).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("clean_environment")]
 
 EX_FAILED, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 1, 64, 75, 78
 REFUSED = "nobody@example.com"
 FAULT = "STARTTLS not offered by smtp.example.com"
 CRASHES = '[[subscriptions]]\nname = "crashes"\nto = ["oncall@example.com"]\nstates = ["FATAL"]\n'
 LATE = '[[subscriptions]]\nname = "late"\nto = ["late@example.com"]\nstates = ["RUNNING"]\nunexpected_only = false\n'
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OPSRELAY_* from the caller's shell, and no config found by the search path."""
-    for name in list(os.environ):
-        if name.startswith("OPSRELAY_"):
-            monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(tmp_path)
 
 
 def write_config(tmp_path: Path, *, url: str | None = None, prefix: str = "ops", subscriptions: str = CRASHES,

@@ -20,7 +20,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import shutil
 import sqlite3
 from collections.abc import Mapping
@@ -213,18 +212,6 @@ def write_toml(data: Mapping[str, Any], path: Path) -> Path:
                 lines += ["", f"[[{table}]]", *(f"{json.dumps(k)} = {toml_value(v)}" for k, v in item.items())]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-@pytest.fixture
-def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OPSRELAY_* from the caller's shell, and no config found by the search path."""
-    for name in list(os.environ):
-        if name.startswith("OPSRELAY_"):
-            monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(tmp_path)
 
 
 def cli(*args: str) -> Any:

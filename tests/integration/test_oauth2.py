@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shlex
 import stat
 import sys
@@ -47,7 +46,8 @@ from tests.oauth_servers import CLIENT_ID, CLIENT_SECRET, SCOPE, Down, TokenEndp
 from tests.smtp_server import DEFAULT_PASSWORD, DEFAULT_USER
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.timeout(60)
+# clean_environment: no OPSRELAY_* from the caller, no config on the search path (the conftest's).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("clean_environment")]
 
 BACKOFF = ("200ms", "400ms")
 EX_CONFIG, EX_TEMPFAIL = 78, 75
@@ -59,18 +59,6 @@ ServerFactory = Callable[..., XOAuth2SmtpServer]
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OPSRELAY_* from the caller's shell, and no config found by the search path."""
-    for name in list(os.environ):
-        if name.startswith("OPSRELAY_"):
-            monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
