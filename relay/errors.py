@@ -49,6 +49,8 @@ class RelayError(Exception):
 
     # The smarthost (``host:port``) whose answer this is, when a delivery attempt raised it.
     smarthost: str = ""
+    # The other smarthosts that failed in that attempt: (host:port, why).
+    passed_over: tuple[tuple[str, str], ...] = ()
 
 
 class TransientError(RelayError):

@@ -25,8 +25,19 @@ from tests.waiting import settle
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractConnection
 
-__all__ = ["AMQP_URL", "Broker", "declared", "delete_topology", "engine_params", "rabbitmq_reachable",
-           "require_rabbitmq", "settled_depth", "sqlite_url"]
+__all__ = [
+    "AMQP_URL",
+    "Broker",
+    "RabbitControl",
+    "declared",
+    "delete_topology",
+    "engine_params",
+    "rabbitmq_reachable",
+    "rabbitmqctl",
+    "require_rabbitmq",
+    "settled_depth",
+    "sqlite_url",
+]
 
 AMQP_URL = os.environ.get("OPSRELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -159,3 +170,26 @@ async def declared(engine: Engine, queue: str) -> bool:
     except ConfigurationError:
         return False
     return True
+
+
+def rabbitmqctl(*args: str, within: float = 60.0) -> None:
+    import subprocess
+
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=within)
+
+
+class RabbitControl:
+    """Stops the RabbitMQ application (the Erlang node stays up) and starts it again."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        rabbitmqctl("stop_app")
+
+    def start(self) -> None:
+        if self.stopped:
+            rabbitmqctl("start_app")
+            rabbitmqctl("await_startup")
+            self.stopped = False

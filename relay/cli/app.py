@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -31,6 +31,10 @@ from relay.cli.common import (
 from relay.config.models import Config, load_config
 from relay.config.smarthost import SmarthostConfig
 from relay.errors import ConfigurationError, RelayError
+
+if TYPE_CHECKING:
+    from relay.observe.observer import Observer
+    from relay.observe.server import MetricsServer
 
 __all__ = ["app", "main", "queues"]
 
@@ -128,9 +132,13 @@ def serve(config: ConfigOption = None,
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         mailer = Smarthosts(cfg.smtp)
+        observer, server = _metrics(cfg)
         try:
-            await serve_forever(cfg, mailer, stop, renderer=renderer, maildrop=for_relay(cfg.source))
+            await serve_forever(cfg, mailer, stop, renderer=renderer, maildrop=for_relay(cfg.source),
+                                observer=observer)
         finally:
+            if server is not None:
+                server.close()
             await mailer.close()
 
     try:
@@ -138,6 +146,24 @@ def serve(config: ConfigOption = None,
     except ConfigurationError as exc:
         fail(f"config error: {exc}", EX_CONFIG)
     logging.getLogger("opsrelay.relay").info("relay: stopped")
+
+
+def _metrics(cfg: Config) -> tuple[Observer | None, MetricsServer | None]:
+    """``[metrics] listen``: the Prometheus observer and its HTTP server (prometheus_client only then)."""
+    address = cfg.metrics.address
+    if address is None:
+        return None, None
+    from relay.observe.prom import PromObserver
+    from relay.observe.server import MetricsServer
+
+    observer = PromObserver([s.name for s in cfg.subscriptions])
+    try:
+        server = MetricsServer(observer, *address)
+    except OSError as exc:
+        fail(f"metrics: cannot listen on {cfg.metrics.listen}: {exc.strerror or exc}", EX_CONFIG)
+    server.start()
+    logging.getLogger("opsrelay.relay").info("relay: metrics on http://%s:%d/metrics", *server.address)
+    return observer, server
 
 
 @app.command()

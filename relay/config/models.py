@@ -35,6 +35,7 @@ from relay.config.rules import (
     check_name,
     check_names,
     check_sender,
+    parse_listen,
     parse_size,
 )
 from relay.config.smarthost import DEFAULT_PORTS, OAuth2Config, Security, SmarthostConfig
@@ -43,6 +44,7 @@ from relay.contract.urls import (
     check_broker_url,
     default_queue_url,
     default_spool_url,
+    is_loopback,
     is_sqlite,
     mask_url,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "Config",
     "GroupBy",
     "ListenerConfig",
+    "MetricsConfig",
     "OAuth2Config",
     "RetryConfig",
     "Security",
@@ -62,6 +65,7 @@ __all__ = [
     "SendmailMode",
     "SmarthostConfig",
     "SmtpConfig",
+    "StatusConfig",
     "Subscription",
     "load_config",
     "ssmtp_notes",
@@ -77,6 +81,7 @@ _RESERVED_HEADERS = frozenset({
 Duration = Annotated[float, BeforeValidator(check_duration)]
 Name = Annotated[str, BeforeValidator(check_name)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+Address = Annotated[str, BeforeValidator(lambda v: check_address(v) if isinstance(v, str) else v)]
 
 
 class _Strict(BaseModel):
@@ -123,6 +128,9 @@ class SmtpConfig(SmarthostConfig):
     fallback: tuple[SmarthostConfig, ...] = ()
     # A smarthost that failed is skipped this long, then tried first again.
     failback: Duration = Field(default=300.0, gt=0)
+    # Who hears about opsrelay itself (a smarthost refusing us, dead letters); () = the first
+    # subscription's recipients.
+    admin: tuple[Address, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -151,7 +159,6 @@ class RetryConfig(_Strict):
         return steps
 
 
-Address = Annotated[str, BeforeValidator(lambda v: check_address(v) if isinstance(v, str) else v)]
 
 
 class SendmailMode(StrEnum):
@@ -294,6 +301,41 @@ class Subscription(_Strict):
         return True if self.patterns else self.recovery_selector.accepts(event)
 
 
+class MetricsConfig(_Strict):
+    """``[metrics]``: Prometheus metrics and health on HTTP, served by ``opsrelay serve``."""
+
+    # "" (off) or HOST:PORT; an address other hosts can reach needs allow_remote = true.
+    listen: str = ""
+    # The endpoints have no authentication: reachable from elsewhere only when asked for.
+    allow_remote: bool = False
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> MetricsConfig:
+        address = self.address
+        if address is not None and not is_loopback(address[0]) and not self.allow_remote:
+            raise ValueError(f"listen = {self.listen!r} is reachable from other hosts and the endpoints have no "
+                             "authentication; set metrics.allow_remote = true to mean it")
+        return self
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen)
+
+
+class StatusConfig(_Strict):
+    """``[status]``: when ``opsrelay status`` and the relay's alerts about itself call mail stuck."""
+
+    # Mail held, or waiting longer than this, is "not flowing": status exits 1, the relay logs an
+    # ERROR line this often and mails [smtp] admin through a smarthost that works.
+    stale_after: Duration = Field(default=900.0, gt=0)
+
+
 class Config(_Strict):
     host: str = Field(default_factory=default_host, min_length=1)
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
@@ -303,12 +345,19 @@ class Config(_Strict):
     subscriptions: tuple[Subscription, ...] = ()
     sendmail: SendmailConfig = Field(default_factory=SendmailConfig)
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
     # The file this was read from ("(defaults)" without one), for errors found after loading.
     _source: str = PrivateAttr(default="(defaults)")
 
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def admins(self) -> tuple[str, ...]:
+        """Who the relay's mails about itself go to: smtp.admin, else the first subscription's recipients."""
+        return self.smtp.admin or (self.subscriptions[0].to if self.subscriptions else ())
 
     @property
     def log_tail_bytes(self) -> int:

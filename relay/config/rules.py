@@ -133,3 +133,17 @@ def check_names(value: object) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v and v.strip() == v for v in value):
         raise ValueError("must be a list of login names")
     return tuple(value)
+
+
+def parse_listen(value: object) -> tuple[str, int] | None:
+    """``"127.0.0.1:9464"`` / ``"[::1]:9464"`` -> (host, port); ``""`` -> None (off)."""
+    if not isinstance(value, str):
+        raise ValueError("expected \"HOST:PORT\" or \"\" (off)")
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. \"127.0.0.1:9464\")")
+    return host, int(port)
+

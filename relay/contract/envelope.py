@@ -18,7 +18,7 @@ Format version 1 (``x-opsrelay-v``); a queue written by an earlier release reads
 ``x-attempts``     attempts made so far (int); ``x-holds``: times delivery was held (int)
 ``x-history``      JSON ``[[at, reply, [recipients], smarthost], ...]``, as a string (the fourth
                    element, ``host:port`` of who answered, is new in 0.2: a 3-element entry reads as "")
-``x-origin``       event | sendmail | send-test
+``x-origin``       event | sendmail | send-test | self (the relay about itself)
 ``x-held``         the smarthost/config fault, on a mail waiting in a retry queue because of one
 ``x-dead-*``       reason, at, from (the queue), kind (mail | event | invalid) on a dead letter
 =================  =====================================================================

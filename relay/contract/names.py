@@ -12,8 +12,12 @@ __all__ = [
     "dead_queue",
     "events_exchange",
     "is_retry_queue",
+    "lock_queue",
     "outbound_queue",
+    "relays_queue",
     "retry_queue",
+    "silenced_queue",
+    "silences_queue",
     "spool_name",
     "state_queue",
     "subscription_queue",
@@ -70,3 +74,23 @@ def budget_queue(prefix: str, smarthost: str, window: str) -> str:
     """Where a smarthost's sending budget is counted: one message per mail it accepted, each
     expiring after the window (``minute`` or ``day``). ``smarthost`` is ``host:port``."""
     return f"{prefix}.budget.{smarthost.replace(':', '_')}.{window}"
+
+
+def silences_queue(prefix: str) -> str:
+    """The silences: a log of add and expire records every relay reads (relay.notify.silence)."""
+    return f"{prefix}.silences"
+
+
+def silenced_queue(prefix: str) -> str:
+    """Events a silence kept from being mailed, until its summary is sent."""
+    return f"{prefix}.silenced"
+
+
+def relays_queue(prefix: str) -> str:
+    """The relays' heartbeats (what ``opsrelay status`` shows of each), each expiring after a while."""
+    return f"{prefix}.relays"
+
+
+def lock_queue(queue: str) -> str:
+    """An empty queue whose exclusive consumer is the lock on reading ``queue`` as a whole (RabbitMQ)."""
+    return f"{queue}.lock"

@@ -15,8 +15,12 @@ from typing import TypeVar
 from relay.contract.names import (
     dead_queue,
     events_exchange,
+    lock_queue,
     outbound_queue,
+    relays_queue,
     retry_queue,
+    silenced_queue,
+    silences_queue,
     spool_name,
     state_queue,
     subscription_queue,
@@ -32,6 +36,7 @@ __all__ = [
     "Topology",
     "event_topology",
     "full_topology",
+    "silence_topology",
     "spool_topology",
 ]
 
@@ -109,6 +114,23 @@ def event_topology(prefix: str) -> Topology:
     )
 
 
+# A relay's heartbeat is dropped after a minute (relay.observe.heartbeat.TTL_MS).
+HEARTBEAT_TTL_MS = 60_000
+
+
+def silence_topology(prefix: str) -> Topology:
+    """Where silences and relay heartbeats are kept: what ``opsrelay silence`` and ``status`` need.
+
+    Both are small queues read whole (``Engine.read_all``), each with its lock queue; the events a
+    silence held back wait in ``silenced``, which one relay of a fleet at a time holds (single active)."""
+    silences, relays = silences_queue(prefix), relays_queue(prefix)
+    return Topology(queues=(
+        QueueSpec(silences), QueueSpec(lock_queue(silences)),
+        QueueSpec(relays, ttl_ms=HEARTBEAT_TTL_MS), QueueSpec(lock_queue(relays)),
+        QueueSpec(silenced_queue(prefix), single_active=True),
+    ))
+
+
 def full_topology(
     prefix: str,
     subscriptions: Sequence[tuple[str, Sequence[str]]],
@@ -131,7 +153,7 @@ def full_topology(
         bindings += [BindingSpec(queue, events_exchange(prefix), p) for p in patterns]
     queues += [QueueSpec(state_queue(prefix, name), single_active=True) for name in stateful]
     queues += [QueueSpec(name, ttl_ms=window_ms) for name, window_ms in budgets]
-    return event_topology(prefix) + Topology((), tuple(queues), tuple(bindings))
+    return event_topology(prefix) + silence_topology(prefix) + Topology((), tuple(queues), tuple(bindings))
 
 
 def spool_topology(prefix: str) -> Topology:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from relay.config.models import Config, Subscription
 from relay.contract.event import CONTENT_TYPE, decode_event, encode_event, iso_utc, utcnow_iso
@@ -37,9 +37,11 @@ from relay.notify.keeper import REFRESH, StateKeeper
 from relay.notify.notice import Notice, NoticeKind
 from relay.notify.notifier import Notifier
 from relay.notify.state import State
+from relay.observe.health import Health
+from relay.observe.observer import Observer, QueueSample
 from relay.render.renderer import Renderer
 
-__all__ = ["Relay", "relay_topology"]
+__all__ = ["Relay", "relay_topology", "retry_delays_ms"]
 
 log = logging.getLogger("opsrelay.relay")
 # How long an outbound delivery is held unacked while the sending budget is spent (then it goes
@@ -51,11 +53,16 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def retry_delays_ms(config: Config) -> list[int]:
+    """The retry queues' TTLs: one queue per backoff step."""
+    return [_ms(step) for step in config.retry.backoff]
+
+
 def relay_topology(config: Config) -> Topology:
     return full_topology(
         config.broker.prefix,
         [(sub.name, sub.bindings()) for sub in config.subscriptions],
-        [_ms(step) for step in config.retry.backoff],
+        retry_delays_ms(config),
         [sub.name for sub in config.subscriptions if sub.stateful],
         budget_queues(config.broker.prefix, config.smtp.smarthosts),
     )
@@ -64,8 +71,13 @@ def relay_topology(config: Config) -> Topology:
 class Relay:
     def __init__(self, config: Config, engine: Engine, mailer: Mailer, *,
                  renderer: Renderer | None = None, grace: float = 30.0, hold_back: float = 5.0,
-                 maildrop: Maildrop | None = None) -> None:
+                 maildrop: Maildrop | None = None, observer: Observer | None = None,
+                 health: Health | None = None) -> None:
         self.config = config
+        # Metrics and readiness (a no-op Observer when [metrics] is off); health feeds status and alerts.
+        self.observer = observer or Observer()
+        self.health = health or Health()
+        self.retry_delays_ms = retry_delays_ms(config)
         # Ingested beside the consumers, into this engine's outbound queue (relay.maildrop).
         self.maildrop = maildrop
         self.engine = engine
@@ -79,13 +91,20 @@ class Relay:
         self.prefix = config.broker.prefix
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._stop_requested = asyncio.Event()  # wakes what waits for a budget at once on stop
+        self.stop_requested = asyncio.Event()  # wakes what waits (a budget, the self-watch) at once on stop
         self._notifiers = {sub.name: Notifier(sub, config.host) for sub in config.subscriptions}
         # A stateless subscription's state (recent counts) lives here only; a stateful one's in its keeper.
         self._states = {sub.name: State() for sub in config.subscriptions if not sub.stateful}
         self._keepers: dict[str, StateKeeper] = {}
         self._locks = {sub.name: asyncio.Lock() for sub in config.subscriptions}
         self._changed = {sub.name: asyncio.Event() for sub in config.subscriptions}
+        self._subscribed: list[asyncio.Event] = []
+
+    def _all_subscribed(self) -> bool:
+        """Every consumer started so far has its queue (a standby of a stateful subscription counts once its
+        state queue stands by; its events' consumer joins when it takes over)."""
+        expected = 1 + sum(not sub.stateful for sub in self.config.subscriptions)
+        return len(self._subscribed) >= expected and all(e.is_set() for e in self._subscribed)
 
     @property
     def owned(self) -> set[str]:
@@ -93,6 +112,8 @@ class Relay:
         return set(self._keepers)
 
     async def run(self, stop: asyncio.Event) -> None:
+        from relay.daemon.selfwatch import SelfWatch, sample_queues
+
         await self.engine.declare(relay_topology(self.config))
         await self._warn_abandoned_state()
         consumers = [
@@ -107,6 +128,12 @@ class Relay:
                           concurrency=self.config.smtp.pool_size), name="outbound"))
         if self.maildrop is not None:
             consumers.append(asyncio.create_task(watch(self.maildrop, self.engine, stop), name="maildrop"))
+        consumers.append(asyncio.create_task(SelfWatch(self).run(self._all_subscribed), name="self-watch"))
+
+        async def sample() -> Sequence[QueueSample]:
+            return await sample_queues(self)
+
+        self.observer.sample_queues(sample)
         log.info("relay: consuming %d subscription(s) and %s%s", len(self.config.subscriptions),
                  outbound_queue(self.prefix), f"; ingesting {self.maildrop.folder}" if self.maildrop else "")
         stopping = asyncio.create_task(stop.wait())
@@ -116,10 +143,13 @@ class Relay:
                 task.result()  # a consumer that died takes the relay down (and its supervisor restarts it)
         finally:
             stopping.cancel()
+            # A scrape must not reach an engine that is being closed (it would reconnect it).
+            self.observer.sample_queues(None)
+            self.observer.ready("stopping")
             # Finish what is in flight while its consumers (and so its leases / channels) are
             # still open, so that its ack lands; only then close them, which returns the rest.
             self._stopping = True
-            self._stop_requested.set()
+            self.stop_requested.set()
             await self._drain()
             for task in consumers:
                 task.cancel()
@@ -204,7 +234,9 @@ class Relay:
     async def _consume(self, queue: str, handler: Callable[[Delivery], Awaitable[None]], *,
                        concurrency: int) -> None:
         slots = asyncio.Semaphore(concurrency)
-        async for delivery in self.engine.consume(queue, prefetch=concurrency * 2):
+        subscribed = asyncio.Event()
+        self._subscribed.append(subscribed)
+        async for delivery in self.engine.consume(queue, prefetch=concurrency * 2, subscribed=subscribed):
             await slots.acquire()
             if self._stopping:
                 # Not started: left unsettled, it returns to its queue when the consumer closes.
@@ -247,6 +279,7 @@ class Relay:
         try:
             await self.engine.send(dead_queue(self.prefix),
                                    dead_letter(delivery.message, reason=reason, source=queue, kind=kind))
+            self._dead_lettered("invalid")
             await delivery.ack()
         except RelayError as exc:
             log.error("relay: %s: could not dead-letter %s (%s); left for redelivery",
@@ -256,6 +289,7 @@ class Relay:
 
     async def handle_event(self, sub: Subscription, delivery: Delivery) -> None:
         event = decode_event(delivery.message.body)
+        self.observer.event(sub.name)
         if not (sub.accepts(event) or sub.watches_recovery(event)):
             log.debug("relay: %s: event %s filtered out", sub.name, event.id)
             await delivery.ack()
@@ -309,11 +343,13 @@ class Relay:
                 message = Message(encode_event(event), event.id, CONTENT_TYPE)
                 await self.engine.send(dead_queue(self.prefix),
                                        dead_letter(message, reason=str(exc), source=source, kind="event"))
+                self._dead_lettered("invalid")
                 self._state(sub).forget(event.id)  # a replay must not look like a duplicate
 
     async def _queue_notice(self, sub: Subscription, notice: Notice) -> None:
         mail = self.renderer.render_notice(sub, notice)
         await self.engine.send(outbound_queue(self.prefix), to_message(mail))
+        self.observer.notice(sub.name, notice.kind.value)
         what = (f"event {notice.first.id}" if notice.kind is NoticeKind.EVENT
                 else f"{notice.kind.value} of {notice.total} event(s)")
         log.info("relay: %s: %s (%s %s) queued as mail %s to %d recipient(s)",
@@ -338,7 +374,7 @@ class Relay:
                 # At least a moment: the broker drops an expired counter a little after its time.
                 pause = min(max(BUDGET_MIN_PAUSE, over.until - time.time()), BUDGET_POLL, BUDGET_HOLD - waited)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), pause)
+                    await asyncio.wait_for(self.stop_requested.wait(), pause)
                 waited += pause
         await delivery.ack()
 
@@ -349,6 +385,7 @@ class Relay:
         """
         attempt = mail.attempts + 1
         outcome: SendResult | RelayError
+        began = time.monotonic()
         try:
             if self.budget is None:
                 outcome = await self.mailer.send(mail.sender, mail.recipients, mail.raw)
@@ -356,22 +393,47 @@ class Relay:
                 outcome = await self.mailer.send(mail.sender, mail.recipients, mail.raw, budget=self.budget)
         except RelayError as exc:
             outcome = exc
+        smarthost = outcome.smarthost or self.config.smtp.name
+        self._sessions(outcome, smarthost, time.monotonic() - began)
         plan = decide(outcome, mail.recipients, attempt, self.config.retry, holds=mail.holds)
         for decision in plan:
-            await self._apply(mail, attempt, decision, outcome.smarthost)
+            await self._apply(mail, attempt, decision, smarthost)
         return plan
+
+    def _sessions(self, outcome: SendResult | RelayError, smarthost: str, seconds: float) -> None:
+        """What the attempt says of each smarthost it tried: ``opsrelay_smtp_up``, status, the alerts."""
+        now = time.time()
+        for name, why in outcome.passed_over:
+            self.observer.session(name, ok=False)
+            self.health.session(name, ok=False, reply=why, now=now)
+        # A SendResult is a session that worked, whatever it said of each recipient.
+        ok = not isinstance(outcome, RelayError)
+        self.observer.session(smarthost, ok=ok, seconds=seconds)
+        self.health.session(smarthost, ok=ok, reply="" if ok else str(outcome), now=now)
+
+    def _dead_lettered(self, reason: str) -> None:
+        self.observer.dead_letter(reason)
+        self.health.dead_letter(time.time())
 
     async def _apply(self, mail: OutboundMail, attempt: int, decision: Decision, smarthost: str = "") -> None:
         rcpts = decision.recipients
         what = f"mail {mail.message_id} attempt {attempt} to {len(rcpts)} recipient(s)"
         if isinstance(decision, Delivered):
             log.info("relay: %s delivered: %s", what, decision.reply)
+            self.observer.attempt(smarthost, "delivered")
+            self.observer.delivered(smarthost)
+            for held_at, fault in self.health.flowing():
+                self.observer.held(held_at, fault, on=False)
             return
         if isinstance(decision, Retry):
+            self.observer.attempt(smarthost, "retry")
             log.warning("relay: %s failed for now (%s); retry in %gs", what, decision.reason, decision.delay)
             later = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts, smarthost), recipients=rcpts)
             await self.engine.send(retry_queue(self.prefix, _ms(decision.delay)), to_message(later))
         elif isinstance(decision, Hold):
+            self.observer.attempt(smarthost, "held")
+            if self.health.hold(smarthost, decision.kind.value, decision.fault, time.time()):
+                self.observer.held(smarthost, decision.kind.value, on=True)
             log.error("relay: DELIVERY HELD: %s; mail %s waits, retry in %gs (fix the smarthost or config)",
                       decision.fault, mail.message_id, decision.delay)
             later = mail.after(Attempt(utcnow_iso(), f"held: {decision.fault}", rcpts, smarthost),
@@ -380,10 +442,12 @@ class Relay:
                                    to_message(later, held=decision.fault))
         else:
             assert isinstance(decision, DeadLetter)
+            self.observer.attempt(smarthost, "dead")
             log.error("relay: %s dead-lettered: %s", what, decision.reason)
             final = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts, smarthost), recipients=rcpts)
             await self.engine.send(dead_queue(self.prefix), dead_letter(
                 to_message(final), reason=decision.reason, source=outbound_queue(self.prefix), kind="mail"))
+            self._dead_lettered("attempts" if decision.exhausted else "permanent")
 
 
 

@@ -40,6 +40,8 @@ class SendResult:
     reply: Reply | None = None
     # ``host:port`` of the smarthost that answered ("" when not known); who answered, not what.
     smarthost: str = field(default="", compare=False)
+    # The smarthosts tried before it in this attempt that could not take mail: (host:port, why).
+    passed_over: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import Enum, StrEnum
 
 from relay.delivery.quota import is_quota_reply
-from relay.errors import ConfigurationError, PermanentError, RelayError
+from relay.errors import (
+    ConfigurationError,
+    PermanentError,
+    RelayError,
+    SMTPQuotaError,
+    SMTPSecurityError,
+    TokenError,
+)
 from relay.timing import backoff
 
 TYPE_CHECKING = False
@@ -32,12 +39,14 @@ __all__ = [
     "DeadLetter",
     "Decision",
     "Delivered",
+    "Fault",
     "Hold",
     "Plan",
     "ReplyClass",
     "Retry",
     "classify",
     "decide",
+    "fault_of",
 ]
 
 
@@ -78,6 +87,17 @@ class Retry:
 class DeadLetter:
     recipients: tuple[str, ...]
     reason: str
+    # True when temporary failures used up max_attempts; False for a permanent refusal.
+    exhausted: bool = False
+
+
+class Fault(StrEnum):
+    """What kind of fault holds delivery: the ``fault`` label of ``opsrelay_held`` (few values, no text)."""
+
+    SECURITY = "security"  # STARTTLS, certificate, AUTH or XOAUTH2 refused
+    TOKEN = "token"  # noqa: S105 (a fault kind, not a secret): the OAuth2 token endpoint or token_command
+    QUOTA = "quota"  # the provider's sending quota or rate
+    CONFIG = "config"  # anything else of our configuration
 
 
 @dataclass(frozen=True)
@@ -85,6 +105,15 @@ class Hold:
     recipients: tuple[str, ...]
     fault: str
     delay: float
+    kind: Fault = Fault.CONFIG
+
+
+def fault_of(error: ConfigurationError) -> Fault:
+    if isinstance(error, SMTPSecurityError):
+        return Fault.SECURITY
+    if isinstance(error, TokenError):
+        return Fault.TOKEN
+    return Fault.QUOTA if isinstance(error, SMTPQuotaError) else Fault.CONFIG
 
 
 Decision = Delivered | Retry | DeadLetter | Hold
@@ -94,14 +123,14 @@ Plan = tuple[Decision, ...]
 
 def _temporary(reason: str, attempt: int, retry: RetryConfig) -> Decision:
     if attempt >= retry.max_attempts:
-        return DeadLetter((), f"gave up after {attempt} attempts: {reason}")
+        return DeadLetter((), f"gave up after {attempt} attempts: {reason}", exhausted=True)
     return Retry((), backoff(attempt, retry.backoff), reason)
 
 
 def _by_reply(code: int, reply: str, attempt: int, retry: RetryConfig, holds: int) -> Decision:
     if is_quota_reply(code, reply):
         # The provider's sending limit, not this recipient: held, never dead-lettered.
-        return Hold((), f"sending quota or rate exceeded: {reply}", backoff(holds + 1, retry.backoff))
+        return Hold((), f"sending quota or rate exceeded: {reply}", backoff(holds + 1, retry.backoff), Fault.QUOTA)
     verdict = classify(code)
     if verdict is ReplyClass.POSITIVE:
         return Delivered((), reply)
@@ -121,7 +150,7 @@ def decide(outcome: SendResult | RelayError, recipients: Sequence[str], attempt:
     """
     fates: list[tuple[str, Decision]]
     if isinstance(outcome, ConfigurationError):
-        hold = Hold((), str(outcome), backoff(holds + 1, retry.backoff))
+        hold = Hold((), str(outcome), backoff(holds + 1, retry.backoff), fault_of(outcome))
         fates = [(rcpt, hold) for rcpt in recipients]
     elif isinstance(outcome, PermanentError):
         fates = [(rcpt, DeadLetter((), str(outcome))) for rcpt in recipients]

@@ -15,6 +15,7 @@ when that is all that stops the mail, :class:`~relay.delivery.outcome.OverBudget
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,7 @@ class Smarthosts:
     async def send(self, sender: str, recipients: Sequence[str], raw: bytes, *,
                    budget: Budget | None = None) -> SendResult:
         last: SessionFault | None = None
+        failed: list[tuple[str, str]] = []  # the session faults before ``last``
         waits: list[tuple[float, str]] = []
         sequence = self.order()
         for index in sequence:
@@ -74,18 +76,23 @@ class Smarthosts:
                 else:
                     result = await pool.transact(sender, recipients, raw)
             except SessionFault as fault:
+                if last is not None:
+                    failed.append((last.smarthost, str(last.error)))
                 last = fault
                 self._down_until[host.name] = self._clock() + self._failback
                 log.warning("relay: smarthost %s cannot take mail (%s)%s", host.name, fault.error,
                             "; trying the next one" if index != sequence[-1] else "")
                 continue
             self._down_until.pop(host.name, None)
-            return result
+            if last is not None:
+                failed.append((last.smarthost, str(last.error)))
+            return dataclasses.replace(result, passed_over=tuple(failed)) if failed else result
         if waits:
             raise OverBudget(min(t for t, _ in waits), [name for _, name in waits])
         if last is None:
             raise SMTPConnectError("no smarthost is configured")
         last.error.smarthost = last.smarthost
+        last.error.passed_over = tuple(failed)
         raise last.error
 
     async def check(self) -> ServerInfo:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -21,6 +23,7 @@ import aiormq.exceptions
 import pamqp.exceptions
 
 from relay.contract.message import HeaderValue, Message
+from relay.contract.names import lock_queue
 from relay.contract.topology import Topology
 from relay.contract.urls import mask_url
 from relay.engines.base import Delivery, Engine
@@ -41,6 +44,8 @@ _BROKER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 _log = logging.getLogger(__name__)
+# How long read_all waits for another reader of the same queue before calling the broker unavailable.
+_READ_LOCK_WAIT = 10.0
 
 
 @contextlib.contextmanager
@@ -89,6 +94,10 @@ class _AmqpDelivery:
     async def reject(self, *, requeue: bool) -> None:
         with _translated("reject", self._url):
             await self._incoming.reject(requeue=requeue)
+
+
+async def _never_called(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """The lock queue's consumer: nothing is ever published there."""
 
 
 class AmqpEngine(Engine):
@@ -189,12 +198,15 @@ class AmqpEngine(Engine):
             content_type=message.content_type,
             headers=dict(message.headers),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            # AMQP's timestamp property (seconds); it survives dead-lettering: the age of a queue's head.
+            timestamp=datetime.now(UTC),
         )
         with _translated(f"publish to {exchange or 'queue ' + routing_key}", self.url):
             target = await self._exchange(exchange)
             await target.publish(amqp_message, routing_key, mandatory=True, timeout=self.confirm_timeout)
 
-    async def consume(self, queue: str, *, prefetch: int = 10) -> AsyncIterator[Delivery]:
+    async def consume(self, queue: str, *, prefetch: int = 10,
+                      subscribed: asyncio.Event | None = None) -> AsyncIterator[Delivery]:
         await self.connect()
         assert self._connection is not None
         with _translated(f"consume {queue}", self.url):
@@ -204,6 +216,8 @@ class AmqpEngine(Engine):
         try:
             with _translated(f"consume {queue}", self.url):
                 async with amqp_queue.iterator() as incoming:
+                    if subscribed is not None:
+                        subscribed.set()  # basic.consume-ok came back
                     async for raw in incoming:
                         yield _AmqpDelivery(raw, self.url)
         finally:
@@ -218,6 +232,70 @@ class AmqpEngine(Engine):
             amqp_queue = await channel.declare_queue(queue, passive=True)
             raw = await amqp_queue.get(no_ack=False, fail=False)
         return None if raw is None else _AmqpDelivery(raw, self.url)
+
+    def lost(self) -> str | None:
+        connection = self._connection
+        # connect_robust reconnects on its own and never raises: a consumer just stops receiving.
+        connected: asyncio.Event | None = getattr(connection, "connected", None)
+        if connection is not None and not connection.is_closed and connected is not None and not connected.is_set():
+            return f"connection to {mask_url(self.url)} lost; reconnecting"
+        return None
+
+    async def oldest(self, queue: str) -> float | None:
+        await self.connect()
+        assert self._connection is not None
+        with _translated(f"inspect {queue}", self.url):
+            # RabbitMQ cannot peek: take the head unacked and put it back (classic queues keep its place).
+            async with self._connection.channel() as channel:
+                declared = await channel.declare_queue(queue, passive=True)
+                if not declared.declaration_result.message_count:
+                    return None
+                raw = await declared.get(no_ack=False, fail=False)
+                if raw is None:
+                    return None
+                stamp = raw.timestamp
+                await raw.reject(requeue=True)
+        return None if stamp is None else stamp.timestamp()
+
+    async def read_all(self, queue: str, *, drop: Callable[[Message], bool] | None = None) -> list[Message]:
+        """Under a lock (an exclusive consumer on ``<queue>.lock``, which RabbitMQ gives to one channel at a
+        time and takes back when it closes, even when the process dies): take every message unacked, ack
+        the dropped, and close the channel, which puts the rest back in their order."""
+        await self.connect()
+        assert self._connection is not None
+        give_up = time.monotonic() + _READ_LOCK_WAIT
+        pause = 0.01
+        while True:
+            with _translated(f"read {queue}", self.url):
+                lock_channel = await self._connection.channel()
+                try:
+                    lock = await lock_channel.declare_queue(lock_queue(queue), durable=True)
+                    try:
+                        await lock.consume(_never_called, exclusive=True)
+                    except aiormq.exceptions.ChannelAccessRefused:
+                        pass  # another reader has it; the refusal closed this channel
+                    else:
+                        return await self._read_locked(queue, drop)
+                finally:
+                    with contextlib.suppress(*_BROKER_ERRORS):
+                        await lock_channel.close()
+            if time.monotonic() > give_up:
+                raise BrokerUnavailable(f"read {queue}: another reader held it for {_READ_LOCK_WAIT:g}s")
+            await asyncio.sleep(pause)
+            pause = min(0.2, pause * 2)
+
+    async def _read_locked(self, queue: str, drop: Callable[[Message], bool] | None) -> list[Message]:
+        assert self._connection is not None
+        kept: list[Message] = []
+        async with self._connection.channel() as channel:
+            declared = await channel.declare_queue(queue, passive=True)
+            while (raw := await declared.get(no_ack=False, fail=False)) is not None:
+                message = _AmqpDelivery(raw, self.url).message
+                if drop is not None and drop(message):
+                    await raw.ack()
+                else:
+                    kept.append(message)
+        return kept
 
     async def depth(self, queue: str) -> int:
         await self.connect()

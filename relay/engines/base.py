@@ -10,7 +10,8 @@ into another queue (delayed retry). Errors leave an engine only as
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -58,8 +59,13 @@ class Engine(abc.ABC):
         await self.publish("", queue, message)
 
     @abc.abstractmethod
-    def consume(self, queue: str, *, prefetch: int = 10) -> AsyncIterator[Delivery]:
-        """Deliveries from ``queue`` until cancelled; unsettled ones return to the queue."""
+    def consume(self, queue: str, *, prefetch: int = 10,
+                subscribed: asyncio.Event | None = None) -> AsyncIterator[Delivery]:
+        """Deliveries from ``queue`` until cancelled; unsettled ones return to the queue.
+
+        ``subscribed`` is set once the broker has the consumer (or has it standing by, for a
+        single-active queue): what ``/-/ready`` waits for.
+        """
 
     @abc.abstractmethod
     async def get(self, queue: str) -> Delivery | None:
@@ -68,6 +74,22 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def depth(self, queue: str) -> int:
         """Ready messages in ``queue``."""
+
+    @abc.abstractmethod
+    async def oldest(self, queue: str) -> float | None:
+        """When (unix time) the oldest ready message of ``queue`` was queued; None when empty or unknown."""
+
+    @abc.abstractmethod
+    async def read_all(self, queue: str, *, drop: Callable[[Message], bool] | None = None) -> list[Message]:
+        """Every message of ``queue``, oldest first, left in place: one consistent view of a small queue
+        used as a table (silences, relay heartbeats), which several processes may read at once.
+
+        Messages ``drop`` says yes to are removed instead of kept (and not returned).
+        """
+
+    def lost(self) -> str | None:
+        """Why the connection to the broker is gone while the engine tries to get it back (None: it is not)."""
+        return None
 
     async def __aenter__(self) -> Engine:
         await self.connect()

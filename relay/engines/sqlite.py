@@ -301,7 +301,19 @@ class SqliteEngine(Engine):
     async def depth(self, queue: str) -> int:
         return await self._call(self._depth_sync, queue)
 
-    async def consume(self, queue: str, *, prefetch: int = 10) -> AsyncIterator[Delivery]:
+    async def oldest(self, queue: str) -> float | None:
+        def sync() -> int | None:
+            self._poke(store.expire(self._db()))
+            return store.oldest(self._db(), queue)
+
+        queued = await self._call(sync)
+        return None if queued is None else queued / 1000
+
+    async def read_all(self, queue: str, *, drop: Callable[[Message], bool] | None = None) -> list[Message]:
+        return await self._call(lambda: store.read_all(self._db(), queue, drop))
+
+    async def consume(self, queue: str, *, prefetch: int = 10,
+                      subscribed: asyncio.Event | None = None) -> AsyncIterator[Delivery]:
         self._listen()
         event = asyncio.Event()
         self._waiters.setdefault(queue, set()).add(event)
@@ -316,6 +328,9 @@ class SqliteEngine(Engine):
         active_fd: int | None = None
         try:
             if queue in self._single_active:
+                await self._call(store.require_queue, self._db(), queue)
+                if subscribed is not None:
+                    subscribed.set()  # standing by is subscribed
                 active_fd = await self._stand_by(queue)
             while not self._closed:
                 if buffer:
@@ -328,6 +343,8 @@ class SqliteEngine(Engine):
                 due: int | None = None
                 if room > 0:
                     rows, due = await self._take(queue, room, first=first)
+                    if first and subscribed is not None:
+                        subscribed.set()  # the queue exists: from now on its rows come here
                     first = False
                     for row in rows:
                         unsettled.add(row.id)

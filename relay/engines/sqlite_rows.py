@@ -38,7 +38,8 @@ __all__ = [
     "now_ms",
 ]
 
-SCHEMA_VERSION = 1
+# 2: messages.queued_at (for the age of a queue's oldest message); a version-1 file gains it in place.
+SCHEMA_VERSION = 2
 # What the file's IO raises (SQLITE_BUSY, SQLITE_FULL, I/O errors): sqlite3.Error.
 Error = sqlite3.Error
 
@@ -61,14 +62,15 @@ CREATE TABLE IF NOT EXISTS messages (
     routing_key TEXT NOT NULL,
     redelivered INTEGER NOT NULL DEFAULT 0,
     expires_at INTEGER,
-    owner TEXT);
+    owner TEXT,
+    queued_at INTEGER);
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, owner, id);
 CREATE INDEX IF NOT EXISTS messages_owner ON messages (owner) WHERE owner IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_due ON messages (expires_at)
     WHERE expires_at IS NOT NULL AND owner IS NULL;
 """
 
-INSERT = "INSERT INTO messages (queue, body, message_id, content_type, headers, routing_key, expires_at)"
+INSERT = "INSERT INTO messages (queue, body, message_id, content_type, headers, routing_key, expires_at, queued_at)"
 
 
 def now_ms() -> int:
@@ -117,6 +119,10 @@ def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
         if version < SCHEMA_VERSION:
             # Not executescript(): it commits first, and the schema must be made under the write lock.
             with immediate(conn):
+                # Again under the lock: another process may have just migrated it.
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == 1:  # before the CREATE INDEX statements: the table exists without the column
+                    conn.execute("ALTER TABLE messages ADD COLUMN queued_at INTEGER")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -145,8 +151,8 @@ def immediate(conn: sqlite3.Connection) -> Iterator[None]:
 def insert(conn: sqlite3.Connection, queue: str, body: bytes, message_id: str, content_type: str,
            headers: str, routing_key: str, expires_at: int | None) -> None:
     """One message row; the caller holds the write transaction."""
-    conn.execute(f"{INSERT} VALUES (?, ?, ?, ?, ?, ?, ?)",
-                 (queue, body, message_id, content_type, headers, routing_key, expires_at))
+    conn.execute(f"{INSERT} VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (queue, body, message_id, content_type, headers, routing_key, expires_at, now_ms()))
 
 
 def enqueue(conn: sqlite3.Connection, queue: str, body: bytes, message_id: str, content_type: str,

@@ -12,7 +12,7 @@ A row is *ready* when ``owner`` is NULL; taking it writes the taker's token into
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -30,7 +30,9 @@ __all__ = [
     "expire",
     "foreign_owners",
     "next_due",
+    "oldest",
     "publish",
+    "read_all",
     "release",
     "require_queue",
     "settle",
@@ -204,7 +206,8 @@ def _dead_letter(conn: sqlite3.Connection, ids: Sequence[int], now: int) -> list
         ).fetchone() or (None, None)
         if target is not None:
             conn.execute(
-                f"{INSERT} SELECT ?, body, message_id, content_type, headers, ?, ?"  # noqa: S608
+                # queued_at stays: as RabbitMQ's timestamp property, the age counts from the first publish.
+                f"{INSERT} SELECT ?, body, message_id, content_type, headers, ?, ?, queued_at"  # noqa: S608
                 " FROM messages WHERE id = ?",
                 (target, target, None if ttl is None else now + ttl, row_id),
             )
@@ -272,6 +275,27 @@ def depth(conn: sqlite3.Connection, queue: str) -> int:
     return int(conn.execute(
         "SELECT COUNT(*) FROM messages WHERE queue = ? AND owner IS NULL", (queue,)
     ).fetchone()[0])
+
+
+def oldest(conn: sqlite3.Connection, queue: str) -> int | None:
+    """When (unix ms) the oldest ready row of ``queue`` was queued (None: empty, or rows of schema 1)."""
+    require_queue(conn, queue)
+    value = conn.execute(
+        "SELECT queued_at FROM messages WHERE queue = ? AND owner IS NULL ORDER BY id LIMIT 1", (queue,)
+    ).fetchone()
+    return None if value is None or value[0] is None else int(value[0])
+
+
+def read_all(conn: sqlite3.Connection, queue: str, drop: Callable[[Message], bool] | None) -> list[Message]:
+    """Every row of ``queue`` (leased ones too), oldest first; rows ``drop`` picks are deleted in the same
+    transaction, so two readers never see a half-dropped queue."""
+    require_queue(conn, queue)
+    with immediate(conn):
+        rows = [_row(v) for v in conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? ORDER BY id", (queue,))]  # noqa: S608
+        gone = [r.id for r in rows if drop is not None and drop(r.message)]
+        conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in gone])
+    return [r.message for r in rows if r.id not in set(gone)]
 
 
 def waiting(conn: sqlite3.Connection, queues: Sequence[str],

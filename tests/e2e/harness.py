@@ -134,7 +134,8 @@ class Supervisor:
     def __init__(self, root: Path, *, broker_url: str, prefix: str, smtp: Mapping[str, object],
                  subscriptions: Sequence[Mapping[str, TomlValue]], programs: Sequence[Program] = (),
                  host: str = "e2ehost", backoff: Sequence[str] = ("200ms",), max_attempts: int = 3,
-                 listener_events: str = "PROCESS_STATE,TICK_5") -> None:
+                 listener_events: str = "PROCESS_STATE,TICK_5",
+                 tables: Mapping[str, Mapping[str, TomlValue]] | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.broker_url, self.prefix, self.host = broker_url, prefix, host
@@ -158,6 +159,7 @@ class Supervisor:
         self._known: dict[int, str] = {}
         self.returncode: int | None = None  # supervisord's, once stopped
         self.killed: list[int] = []  # pids the harness had to SIGKILL
+        self.tables = dict(tables or {})  # more of opsrelay.toml: {"metrics": {"listen": ...}}
         self._write_opsrelay_toml(smtp, subscriptions, backoff, max_attempts)
         self._write_supervisord_conf()
 
@@ -176,6 +178,8 @@ class Supervisor:
                                             "spool": f"sqlite:///{self.root / 'spool.db'}"}), "", "[smtp]",
                  *_toml_table(smtp_values), "", "[retry]",
                  *_toml_table({"max_attempts": max_attempts, "backoff": list(backoff)})]
+        for name, table in self.tables.items():
+            lines += ["", f"[{name}]", *_toml_table(table)]
         for sub in subscriptions:
             lines += ["", "[[subscriptions]]", *_toml_table(sub)]
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")

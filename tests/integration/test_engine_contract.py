@@ -358,3 +358,52 @@ async def test_an_unrouted_queue_declared_without_a_ttl_by_an_older_version_keep
         with contextlib.closing(sqlite3.connect(db_path(broker.url))) as conn:
             [(ttl,)] = conn.execute("SELECT ttl_ms FROM queues WHERE name = ?", (unrouted_queue(prefix),))
         assert ttl == current.queues[0].ttl_ms  # the embedded engine applies it
+
+
+async def test_oldest_is_when_the_head_was_queued_and_survives_a_peek(
+    broker: Broker, engine: Engine, prefix: str
+) -> None:
+    queue = f"{prefix}.aged"
+    await queues(broker, engine, queue)
+    assert await engine.oldest(queue) is None
+    before = time.time()
+    await engine.send(queue, message("first"))
+    await engine.send(queue, message("second"))
+    head = await engine.oldest(queue)
+    assert head is not None
+    # AMQP's timestamp property has whole seconds.
+    assert before - 1.0 <= head <= time.time()
+    assert await settled_depth(engine, queue, 2) == 2
+    assert await drain(engine, queue) == ["first", "second"]  # the peek left the order alone
+    assert await engine.oldest(queue) is None
+
+
+async def test_oldest_of_a_missing_queue_is_a_configuration_error(engine: Engine, prefix: str) -> None:
+    with pytest.raises(ConfigurationError):
+        await engine.oldest(f"{prefix}.missing")
+
+
+async def test_read_all_sees_every_message_even_while_others_read(
+    broker: Broker, engine: Engine, prefix: str
+) -> None:
+    table = f"{prefix}.table"
+    await queues(broker, engine, table, f"{table}.lock")
+    for i in range(20):
+        await engine.send(table, message(f"row{i}"))
+    others = [await broker.open() for _ in range(3)]
+    views = await asyncio.gather(*(e.read_all(table) for e in [engine, *others] * 3))
+    assert all([m.body.decode() for m in view] == [f"row{i}" for i in range(20)] for view in views)
+    assert await settled_depth(engine, table, 20) == 20
+
+
+async def test_read_all_drops_what_it_is_told_to_and_keeps_the_rest(
+    broker: Broker, engine: Engine, prefix: str
+) -> None:
+    table = f"{prefix}.table"
+    await queues(broker, engine, table, f"{table}.lock")
+    for i in range(6):
+        await engine.send(table, message(f"row{i}"))
+    kept = await engine.read_all(table, drop=lambda m: int(m.body.decode()[3:]) % 2 == 0)
+    assert [m.body.decode() for m in kept] == ["row1", "row3", "row5"]
+    assert [m.body.decode() for m in await engine.read_all(table)] == ["row1", "row3", "row5"]
+    assert await drain(engine, table) == ["row1", "row3", "row5"]

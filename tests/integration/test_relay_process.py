@@ -25,6 +25,7 @@ from listeners.publish import EnginePublisher
 from relay.contract.event import Event
 from relay.contract.names import unrouted_queue
 from relay.errors import RelayError
+from tests.brokers import rabbitmqctl
 from tests.integration.faults import (
     Ledger,
     Rig,
@@ -165,10 +166,6 @@ async def test_kill_9_mid_burst_then_restart_delivers_all_with_bounded_duplicate
           f"(killed after {killed_at} delivered; bound {IN_FLIGHT_WINDOW} = pool_size + prefetch)")
     assert not result.dead
     assert len(result.delivered) == total
-
-
-def rabbitmqctl(*args: str, within: float = 60.0) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=within)
 
 
 @dataclass

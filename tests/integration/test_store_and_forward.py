@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from relay.contract.event import Event, decode_event
 from relay.contract.names import events_exchange
 from relay.contract.topology import BindingSpec, QueueSpec, Topology, event_topology
 from relay.engines.amqp import AmqpEngine
-from tests.brokers import delete_topology
+from tests.brokers import RabbitControl, delete_topology
 from tests.e2e.harness import Program, Supervisor
 from tests.smtp_server import SmtpServer
 from tests.waiting import wait_for
@@ -37,27 +36,6 @@ from tests.waiting import wait_for
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(90)]
 
 CONFIRM = 2.0
-
-
-def rabbitmqctl(*args: str, within: float = 60.0) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=within)
-
-
-class RabbitControl:
-    """Stops the RabbitMQ application (the Erlang node stays up) and starts it again."""
-
-    def __init__(self) -> None:
-        self.stopped = False
-
-    def stop(self) -> None:
-        self.stopped = True
-        rabbitmqctl("stop_app")
-
-    def start(self) -> None:
-        if self.stopped:
-            rabbitmqctl("start_app")
-            rabbitmqctl("await_startup")
-            self.stopped = False
 
 
 @pytest.fixture

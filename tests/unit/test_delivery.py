@@ -8,7 +8,18 @@ from hypothesis import strategies as st
 
 from relay.config.models import RetryConfig, SmtpConfig
 from relay.delivery.outcome import Mailer, Reply, SendResult
-from relay.delivery.plan import DeadLetter, Decision, Delivered, Hold, ReplyClass, Retry, backoff, classify, decide
+from relay.delivery.plan import (
+    DeadLetter,
+    Decision,
+    Delivered,
+    Fault,
+    Hold,
+    ReplyClass,
+    Retry,
+    backoff,
+    classify,
+    decide,
+)
 from relay.delivery.smtp import SmtpPool
 from relay.errors import (
     BrokerUnavailable,
@@ -91,7 +102,7 @@ ABC = ("a@x.test", "b@x.test", "c@x.test")
     ), id="all refused for good"),
     pytest.param(SendResult(("a@x.test",), {"c@x.test": LATER}, OK), 3, 0, (
         Delivered(("a@x.test",), "250 2.0.0 OK queued"),
-        DeadLetter(("c@x.test",), "gave up after 3 attempts: 451 4.3.0 try later"),
+        DeadLetter(("c@x.test",), "gave up after 3 attempts: 451 4.3.0 try later", exhausted=True),
     ), id="temporary refusal on the last attempt"),
     pytest.param(SMTPTemporaryError(451, "4.3.0 queue full"), 1, 0, (
         Retry(ABC, 30.0, "451 4.3.0 queue full"),
@@ -100,7 +111,7 @@ ABC = ("a@x.test", "b@x.test", "c@x.test")
         Retry(ABC, 120.0, "connection refused"),
     ), id="smarthost down"),
     pytest.param(SMTPTimeoutError("no answer"), 3, 0, (
-        DeadLetter(ABC, "gave up after 3 attempts: no answer"),
+        DeadLetter(ABC, "gave up after 3 attempts: no answer", exhausted=True),
     ), id="timeouts until attempts run out"),
     pytest.param(BrokerUnavailable("broker gone"), 1, 0, (Retry(ABC, 30.0, "broker gone"),), id="transient"),
     pytest.param(ProtocolError("garbled"), 1, 0, (Retry(ABC, 30.0, "garbled"),), id="unforeseen: retried"),
@@ -109,12 +120,13 @@ ABC = ("a@x.test", "b@x.test", "c@x.test")
     ), id="5xx on DATA: dead at once"),
     pytest.param(MessageDecodeError("not JSON"), 1, 0, (DeadLetter(ABC, "not JSON"),), id="undecodable"),
     pytest.param(SMTPSecurityError("STARTTLS not offered"), 1, 0, (
-        Hold(ABC, "STARTTLS not offered", 30.0),
+        Hold(ABC, "STARTTLS not offered", 30.0, Fault.SECURITY),
     ), id="smarthost fault: held"),
     pytest.param(SMTPSecurityError("AUTH rejected: 535"), 3, 0, (
-        Hold(ABC, "AUTH rejected: 535", 30.0),
+        Hold(ABC, "AUTH rejected: 535", 30.0, Fault.SECURITY),
     ), id="held even after max attempts: never dead-lettered"),
-    pytest.param(SMTPSecurityError("certificate"), 1, 1, (Hold(ABC, "certificate", 120.0),), id="hold backs off"),
+    pytest.param(SMTPSecurityError("certificate"), 1, 1, (Hold(ABC, "certificate", 120.0, Fault.SECURITY),),
+                 id="hold backs off"),
     pytest.param(ConfigError("bad", key="smtp.host"), 1, 9, (Hold(ABC, "smtp.host: bad", 600.0),),
                  id="config fault, last step repeats"),
 ])

@@ -1,0 +1,165 @@
+"""The relay watching itself: loop heartbeat, readiness, queue gauges, its heartbeat for ``opsrelay status``,
+and the alerts about itself when mail stops flowing.
+
+One task beside the consumers, once a second: tells the observer the loop runs (``/-/healthy``),
+checks the broker (``/-/ready`` goes 503 within seconds of losing it: aio-pika's robust
+connection reconnects quietly and a consumer just stops receiving); every
+:data:`~relay.observe.heartbeat.INTERVAL` it publishes the relay's heartbeat and asks
+:class:`~relay.observe.health.Health` what is due: an ERROR line per ``status.stale_after``
+and, once per episode, a mail to ``[smtp] admin`` when a smarthost refused us for that long
+(through a fallback that works) or dead letters appeared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+from relay.contract.mail import OutboundMail, to_message
+from relay.contract.message import Message
+from relay.contract.names import (
+    dead_queue,
+    outbound_queue,
+    relays_queue,
+    retry_queue,
+    silenced_queue,
+    subscription_queue,
+    unrouted_queue,
+)
+from relay.errors import ConfigurationError, RelayError
+from relay.observe.health import Alert
+from relay.observe.heartbeat import INTERVAL, Heartbeat
+from relay.observe.observer import QueueSample
+from relay.render.mime import build_message
+from relay.render.renderer import default_sender
+
+if TYPE_CHECKING:
+    from relay.daemon.relay import Relay
+
+__all__ = ["PROBE_TIMEOUT", "SelfWatch", "relay_id"]
+
+log = logging.getLogger("opsrelay.relay")
+# A broker that does not answer a passive declare within this is not one we are consuming from.
+PROBE_TIMEOUT = 3.0
+
+
+def relay_id(host: str) -> str:
+    return f"{host}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("opsrelay")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class SelfWatch:
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.id = relay_id(relay.config.host)
+        self.started = time.time()
+        self.stale_after = relay.config.status.stale_after
+
+    async def run(self, consuming: Callable[[], bool]) -> None:
+        """Until stopped; ``consuming()`` says whether the consumers are subscribed."""
+        relay, observer = self.relay, self.relay.observer
+        next_beat = 0.0
+        while True:
+            observer.heartbeat()
+            problem = await self._probe() if consuming() else "starting: subscribing to the queues"
+            observer.ready(problem)
+            if problem is None and time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + INTERVAL
+                await self._beat()
+                await self._alerts()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(relay.stop_requested.wait(), 1.0)
+            if relay.stop_requested.is_set():
+                observer.ready("stopping")
+                return
+
+    async def _probe(self) -> str | None:
+        engine = self.relay.engine
+        lost = engine.lost()
+        if lost is not None:
+            return lost
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await engine.depth(outbound_queue(self.relay.prefix))
+        except TimeoutError:
+            return f"broker did not answer within {PROBE_TIMEOUT:g}s"
+        except RelayError as exc:
+            return f"broker: {exc}"
+        return None
+
+    async def _beat(self) -> None:
+        beat = Heartbeat(self.id, self.relay.config.host, os.getpid(), time.time(), self.started, _version(),
+                         tuple(sorted(self.relay.owned)), self.relay.health.to_doc())
+        try:
+            await self.relay.engine.send(relays_queue(self.relay.prefix), Message(beat.encode(), f"beat-{self.id}"))
+        except RelayError as exc:
+            log.warning("relay: could not publish its heartbeat: %s", exc)
+
+    async def _alerts(self) -> None:
+        relay = self.relay
+        for alert in relay.health.due_alerts(time.time(), self.stale_after):
+            log.error("relay: MAIL NOT FLOWING: %s", alert.text)
+            if relay.health.first_mail(alert) and self._worth_mailing(alert):
+                await self._mail_admin(alert)
+
+    def _worth_mailing(self, alert: Alert) -> bool:
+        """Not a mail that would wait behind the smarthost it complains about (no fallback)."""
+        if not self.relay.config.admins:
+            return False
+        return not alert.key.startswith("refused/") or len(self.relay.config.smtp.smarthosts) > 1
+
+    async def _mail_admin(self, alert: Alert) -> None:
+        config = self.relay.config
+        sender = default_sender(config)
+        subject = f"opsrelay on {config.host}: {alert.text}"
+        body = (f"{alert.text}\n\nopsrelay status (on a host with the config) shows what waits; "
+                f"opsrelay dlq list shows dead letters.\n\n-- \nopsrelay on {config.host}\n")
+        raw = build_message(sender=sender, to=config.admins, subject=subject, body=body,
+                            extra_headers=[("X-Opsrelay-Kind", "self")])
+        mail = OutboundMail(sender=sender, recipients=config.admins, raw=raw, origin="self")
+        try:
+            await self.relay.engine.send(outbound_queue(self.relay.prefix), to_message(mail))
+            log.info("relay: mailed %s: %s", ", ".join(config.admins), alert.text)
+        except RelayError as exc:
+            log.error("relay: could not queue the mail to %s: %s", ", ".join(config.admins), exc)
+
+
+async def sample_queues(relay: Relay) -> Sequence[QueueSample]:
+    """The relay's queues as ``opsrelay_queue_*`` shows them: fixed roles by role, subscriptions by name."""
+    prefix, engine = relay.prefix, relay.engine
+    named = [("outbound", [outbound_queue(prefix)]), ("dead", [dead_queue(prefix)]),
+             ("unrouted", [unrouted_queue(prefix)]), ("silenced", [silenced_queue(prefix)]),
+             ("retry", [retry_queue(prefix, d) for d in sorted(set(relay.retry_delays_ms))])]
+    named += [(subscription_queue(prefix, s.name), [subscription_queue(prefix, s.name)])
+              for s in relay.config.subscriptions]
+    now = time.time()
+    samples: list[QueueSample] = []
+    for label, queues in named:
+        total, oldest = 0, None
+        for queue in queues:
+            try:
+                depth = await engine.depth(queue)
+                head = await engine.oldest(queue) if depth else None
+            except ConfigurationError:
+                continue  # not declared (yet)
+            total += depth
+            if head is not None:
+                oldest = max(oldest or 0.0, now - head)
+        samples.append(QueueSample(label, total, oldest))
+    if relay.maildrop is not None:
+        count, age = relay.maildrop.waiting()
+        samples.append(QueueSample("maildrop", count, age))
+    return samples
