@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from relay.cli import queues
+from relay.cli import queues, silences
 from relay.cli.common import (
     EX_CONFIG,
     EX_OK,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from relay.observe.observer import Observer
     from relay.observe.server import MetricsServer
 
-__all__ = ["app", "main", "queues"]
+__all__ = ["app", "main", "queues", "silences"]
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,6 +16,7 @@ __all__ = [
     "outbound_queue",
     "relays_queue",
     "retry_queue",
+    "silence_owner_queue",
     "silenced_queue",
     "silences_queue",
     "spool_name",
@@ -84,6 +85,11 @@ def silences_queue(prefix: str) -> str:
 def silenced_queue(prefix: str) -> str:
     """Events a silence kept from being mailed, until its summary is sent."""
     return f"{prefix}.silenced"
+
+
+def silence_owner_queue(prefix: str) -> str:
+    """Single active: the relay that holds it sends the summaries of silences that ended."""
+    return f"{prefix}.silences.owner"
 
 
 def relays_queue(prefix: str) -> str:

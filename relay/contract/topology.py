@@ -19,6 +19,7 @@ from relay.contract.names import (
     outbound_queue,
     relays_queue,
     retry_queue,
+    silence_owner_queue,
     silenced_queue,
     silences_queue,
     spool_name,
@@ -121,13 +122,15 @@ HEARTBEAT_TTL_MS = 60_000
 def silence_topology(prefix: str) -> Topology:
     """Where silences and relay heartbeats are kept: what ``opsrelay silence`` and ``status`` need.
 
-    Both are small queues read whole (``Engine.read_all``), each with its lock queue; the events a
-    silence held back wait in ``silenced``, which one relay of a fleet at a time holds (single active)."""
+    Both are small queues read whole (``Engine.read_all``), each with its lock queue. The events a
+    silence held back wait in ``silenced``; the relay that owns ``silences.owner`` (single active, as
+    a stateful subscription's state queue) mails their summary when the silence ends."""
     silences, relays = silences_queue(prefix), relays_queue(prefix)
     return Topology(queues=(
         QueueSpec(silences), QueueSpec(lock_queue(silences)),
         QueueSpec(relays, ttl_ms=HEARTBEAT_TTL_MS), QueueSpec(lock_queue(relays)),
-        QueueSpec(silenced_queue(prefix), single_active=True),
+        QueueSpec(silenced_queue(prefix)), QueueSpec(lock_queue(silenced_queue(prefix))),
+        QueueSpec(silence_owner_queue(prefix), single_active=True),
     ))
 
 

@@ -25,7 +25,14 @@ from relay.config.models import Config, Subscription
 from relay.contract.event import CONTENT_TYPE, decode_event, encode_event, iso_utc, utcnow_iso
 from relay.contract.mail import Attempt, OutboundMail, dead_letter, from_message, to_message
 from relay.contract.message import Message
-from relay.contract.names import dead_queue, outbound_queue, retry_queue, state_queue, subscription_queue
+from relay.contract.names import (
+    dead_queue,
+    outbound_queue,
+    retry_queue,
+    silenced_queue,
+    state_queue,
+    subscription_queue,
+)
 from relay.contract.topology import Topology, full_topology
 from relay.delivery.budget import EngineBudget, budget_queues, windows
 from relay.delivery.outcome import Mailer, OverBudget, SendResult
@@ -36,6 +43,8 @@ from relay.maildrop.ingest import Maildrop, watch
 from relay.notify.keeper import REFRESH, StateKeeper
 from relay.notify.notice import Notice, NoticeKind
 from relay.notify.notifier import Notifier
+from relay.notify.silence import first_match, silenced_headers
+from relay.notify.silence_log import SilenceView
 from relay.notify.state import State
 from relay.observe.health import Health
 from relay.observe.observer import Observer, QueueSample
@@ -77,6 +86,7 @@ class Relay:
         # Metrics and readiness (a no-op Observer when [metrics] is off); health feeds status and alerts.
         self.observer = observer or Observer()
         self.health = health or Health()
+        self.silences = SilenceView(engine, config.broker.prefix)
         self.retry_delays_ms = retry_delays_ms(config)
         # Ingested beside the consumers, into this engine's outbound queue (relay.maildrop).
         self.maildrop = maildrop
@@ -113,6 +123,7 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         from relay.daemon.selfwatch import SelfWatch, sample_queues
+        from relay.daemon.silencing import SilenceOwner
 
         await self.engine.declare(relay_topology(self.config))
         await self._warn_abandoned_state()
@@ -129,6 +140,7 @@ class Relay:
         if self.maildrop is not None:
             consumers.append(asyncio.create_task(watch(self.maildrop, self.engine, stop), name="maildrop"))
         consumers.append(asyncio.create_task(SelfWatch(self).run(self._all_subscribed), name="self-watch"))
+        consumers.append(asyncio.create_task(SilenceOwner(self).run(), name="silences"))
 
         async def sample() -> Sequence[QueueSample]:
             return await sample_queues(self)
@@ -218,7 +230,7 @@ class Relay:
                 try:
                     notices = notifier.on_timer(keeper.state, time.time())
                     for notice in notices:
-                        await self._queue_or_dead_letter(sub, notice)
+                        await self.queue_or_dead_letter(sub, notice)
                     if notices or keeper.stale():
                         await keeper.save()
                 except BaseException:
@@ -294,6 +306,18 @@ class Relay:
             log.debug("relay: %s: event %s filtered out", sub.name, event.id)
             await delivery.ack()
             return
+        silence = first_match((await self.silences.current()).values(), event, sub.name, time.time())
+        if silence is not None:
+            # Kept for the summary when the silence ends; never seen by the notifier, so no outage
+            # opens and no recovery notice follows for it.
+            message = delivery.message
+            await self.engine.send(silenced_queue(self.prefix), Message(
+                message.body, message.message_id, message.content_type, silenced_headers(silence.id, sub.name)))
+            self.observer.silenced(sub.name)
+            log.info("relay: %s: event %s (%s %s) silenced by %s", sub.name, event.id, event.program, event.state,
+                     silence.id)
+            await delivery.ack()
+            return
         keeper = self._keepers.get(sub.name)
         # A stateful subscription's events take turns and its state is saved before the ack; a
         # stateless one's notifier only counts recent events, synchronously: no turn to take.
@@ -327,7 +351,7 @@ class Relay:
         """Back to the state as last saved: a turn that failed half-way leaves nothing behind."""
         keeper.state = State.loads(keeper.saved)
 
-    async def _queue_or_dead_letter(self, sub: Subscription, notice: Notice) -> None:
+    async def queue_or_dead_letter(self, sub: Subscription, notice: Notice) -> None:
         """A digest or summary whose template fails on these events: its events go to dead letters.
 
         Raising would leave the digest pending, failing again on every turn and every restart.
@@ -344,7 +368,8 @@ class Relay:
                 await self.engine.send(dead_queue(self.prefix),
                                        dead_letter(message, reason=str(exc), source=source, kind="event"))
                 self._dead_lettered("invalid")
-                self._state(sub).forget(event.id)  # a replay must not look like a duplicate
+                if sub.name in self._states or sub.name in self._keepers:
+                    self._state(sub).forget(event.id)  # a replay must not look like a duplicate
 
     async def _queue_notice(self, sub: Subscription, notice: Notice) -> None:
         mail = self.renderer.render_notice(sub, notice)

@@ -1,9 +1,10 @@
 """What one mail says: the value the notifier hands to the renderer.
 
-A :class:`Notice` is one of four kinds: one event (as crashmail), a digest of a
-group's events, a process that recovered, or the summary of what flap damping
-held back. Its ``mail_id`` is derived from what it covers, so a notice that is
-produced again after a crash gets the same Message-ID.
+A :class:`Notice` is one of five kinds: one event (as crashmail), a digest of a
+group's events, a process that recovered, the summary of what flap damping
+held back, or the summary of what a silence held back when it ended. Its
+``mail_id`` is derived from what it covers, so a notice that is produced again
+after a crash gets the same Message-ID.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class NoticeKind(StrEnum):
     DIGEST = "digest"
     RECOVERED = "recovered"
     SUPPRESSED = "suppressed"
+    SILENCED = "silenced"
 
 
 def event_mail_id(event_id: str, subscription: str) -> str:
@@ -66,6 +68,9 @@ class Notice:
     recent: int = 1
     # DIGEST: the group's labels, e.g. {"process": "worker_03"} (empty: one group for the subscription).
     group: dict[str, str] = field(default_factory=dict)
+    # SILENCED: the silence (id, matchers, comment) and the processes still down when it ended.
+    silence: dict[str, str] = field(default_factory=dict)
+    still_down: tuple[str, ...] = ()
 
     @property
     def first(self) -> Event:

@@ -6,7 +6,7 @@ whatever the notice's kind, so one template can serve several kinds by testing
 ``kind``. Names are one line each (controls become spaces); the log tail is
 cleaned of terminal escapes and trimmed to whole trailing lines.
 
-The notice: ``kind`` ("event", "digest", "recovered", "suppressed"),
+The notice: ``kind`` ("event", "digest", "recovered", "suppressed", "silenced"),
 ``subscription`` (its name), ``relay_host`` (config.host), ``thread`` (the
 Message-ID this mail replies to, or None), ``total`` (events it stands for),
 ``shown`` (events listed), ``omitted`` (total - shown), ``total_text`` ("once",
@@ -21,7 +21,9 @@ FATAL or BACKOFF), ``hosts`` / ``programs`` (distinct, in order) and
 ``period`` ("between 10:00:00 and 10:00:20 UTC on 2026-11-27"), ``outage`` /
 ``outage_seconds`` (RECOVERED: "4m 12s" / 252.0), ``recent`` (events of this
 process in the last hour, this one included) and ``recent_text`` ("3rd time in
-the last hour", "" when 1), ``max_mails_per_hour`` (the subscription's damping).
+the last hour", "" when 1), ``max_mails_per_hour`` (the subscription's damping),
+``silence`` (SILENCED: ``id``, ``matchers``, ``comment``, ``text``: "while silenced: 14
+events, 3 processes") and ``still_down`` (SILENCED: processes down when it ended).
 
 The event (top level: the notice's latest event; also each item of ``events``):
 ``id``, ``v``, ``host``, ``group``, ``process``, ``program`` ("group:process",
@@ -232,6 +234,8 @@ def notice_context(notice: Notice, sub: Subscription, config: Config) -> dict[st
         "recent": notice.recent,
         "recent_text": f"{ordinal(notice.recent)} time in the last hour" if notice.recent > 1 else "",
         "max_mails_per_hour": sub.max_mails_per_hour,
+        "silence": {clean_header(k): clean_header(v) for k, v in notice.silence.items()},
+        "still_down": [clean_header(p) for p in notice.still_down],
     }
 
 
@@ -252,4 +256,6 @@ def sample_notice(kind: NoticeKind, sub: Subscription) -> Notice:
     # The labels a digest of this subscription has: one per group_by field.
     labels = {by.value: str(getattr(events[0], by.value)) for by in sub.group_by}
     return Notice(kind, mail_id(kind, "sample", sub.name), events, 5, thread="<sample@opsrelay.web1>",
-                  since="2026-11-27T09:58:00.000000Z", until="2026-11-27T10:58:00.000000Z", group=labels)
+                  since="2026-11-27T09:58:00.000000Z", until="2026-11-27T10:58:00.000000Z", group=labels,
+                  silence={"id": "0123456789ab", "matchers": "host=web1", "comment": "deploy 4711",
+                           "text": "while silenced: 5 events, 1 process"}, still_down=("workers:worker_03",))

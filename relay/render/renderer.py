@@ -17,6 +17,7 @@ EVENT       subject, body                   subject.txt, body.txt
 DIGEST      digest_subject, digest_body     digest_subject.txt, digest_body.txt
 RECOVERED   (built-in only)                 recovered_subject.txt, recovered_body.txt
 SUPPRESSED  (built-in only)                 suppressed_subject.txt, suppressed_body.txt
+SILENCED    (built-in only)                 silenced_subject.txt, silenced_body.txt
 ==========  ==============================  =============================================
 
 ``html`` adds a text/html alternative to EVENT and DIGEST mails; it is rendered by
@@ -55,6 +56,7 @@ _BUILT_IN = {
     NoticeKind.DIGEST: ("digest_subject.txt", "digest_body.txt"),
     NoticeKind.RECOVERED: ("recovered_subject.txt", "recovered_body.txt"),
     NoticeKind.SUPPRESSED: ("suppressed_subject.txt", "suppressed_body.txt"),
+    NoticeKind.SILENCED: ("silenced_subject.txt", "silenced_body.txt"),
 }
 _HTML_KINDS = (NoticeKind.EVENT, NoticeKind.DIGEST)
 # jinja2 names the code it compiles from a string "<template>"; its traceback rewriting

@@ -109,7 +109,7 @@ def test_metrics_count_exactly_and_ready_follows_the_broker(
 
         rabbit.stop()
         began = time.monotonic()
-        status, reason = sv.wait_for(lambda: (r := get(f"{base}/-/ready"))[0] == 503 and r, 10,
+        _, reason = sv.wait_for(lambda: (r := get(f"{base}/-/ready"))[0] == 503 and r, 10,
                                      what="/-/ready 503 once the broker is gone")
         print(f"\n/-/ready 503 after {time.monotonic() - began:.1f}s: {reason.strip()}")
         assert reason.strip()
