@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from relay.cli.common import (
+    EX_CONFIG,
     EX_FAILED,
     EX_USAGE,
     AllOption,
@@ -253,3 +254,55 @@ def _local(unix: float) -> str:
     import datetime
 
     return datetime.datetime.fromtimestamp(unix).astimezone().isoformat(timespec="seconds")
+
+
+@app.command("status")
+def status_command(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Is alert mail flowing? Exit 0 healthy, 1 held or stale (or no relay), 2 broker unreachable."""
+    import asyncio
+    import time
+
+    from relay.engines import open_engine
+    from relay.errors import ConfigurationError, RelayError
+    from relay.ops.status import Status, gather, unreachable
+
+    cfg = config_or_exit(config)
+
+    async def run() -> Status:
+        async with open_engine(cfg.broker.url, confirm_timeout=cfg.broker.confirm_timeout) as engine:
+            return await gather(engine, cfg)
+
+    try:
+        status = asyncio.run(run())
+    except ConfigurationError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+    except RelayError as exc:
+        status = unreachable(cfg, str(exc))
+    if as_json:
+        echo_json(status.to_dict())
+        raise typer.Exit(status.exit_code)
+    doc = status.to_dict()
+    problems = doc["problems"]
+    typer.echo("OK: mail is flowing" if not problems else f"NOT OK: {problems[0]}")
+    for problem in problems[1:]:
+        typer.echo(f"  also: {problem}")
+    typer.echo(f"broker     {doc['broker']['url']}  {'reachable' if status.reachable else 'UNREACHABLE'}")
+    if not status.reachable:
+        raise typer.Exit(status.exit_code)
+    for relay in doc["relays"]:
+        owns = f", owns {', '.join(relay['owns'])}" if relay["owns"] else ""
+        typer.echo(f"relay      {relay['id']}  seen {relay['seen_seconds_ago']:g}s ago, up {relay['up_seconds']}s"
+                   f"{owns}")
+    for name, seen in doc["smarthosts"].items():
+        ok = _local(seen["last_ok"]) if seen["last_ok"] else "never"
+        failure = (f"; last failure {_local(seen['last_failure'])}: {seen['last_reply']}" if seen["last_failure"]
+                   else "")
+        typer.echo(f"smarthost  {name}  last success {ok}{failure}")
+    for q in doc["queues"]:
+        age = "" if q["oldest_seconds"] is None else f"  oldest {q['oldest_seconds']:g}s"
+        typer.echo(f"queue      {q['queue']:<24} {q['messages']:>6}{age}")
+    now = time.time()
+    for s in status.silences:
+        typer.echo(f"silence    {s.id}  {' '.join(str(m) for m in s.matchers)} for {round(s.ends - now)}s more"
+                   f"{'  ' + repr(s.comment) if s.comment else ''}")
+    raise typer.Exit(status.exit_code)

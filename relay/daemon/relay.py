@@ -122,8 +122,9 @@ class Relay:
         return set(self._keepers)
 
     async def run(self, stop: asyncio.Event) -> None:
-        from relay.daemon.selfwatch import SelfWatch, sample_queues
+        from relay.daemon.selfwatch import SelfWatch
         from relay.daemon.silencing import SilenceOwner
+        from relay.ops.stats import queue_samples
 
         await self.engine.declare(relay_topology(self.config))
         await self._warn_abandoned_state()
@@ -143,7 +144,11 @@ class Relay:
         consumers.append(asyncio.create_task(SilenceOwner(self).run(), name="silences"))
 
         async def sample() -> Sequence[QueueSample]:
-            return await sample_queues(self)
+            samples = await queue_samples(self.engine, self.prefix, self.retry_delays_ms,
+                                          [sub.name for sub in self.config.subscriptions])
+            if self.maildrop is not None:
+                samples.append(QueueSample("maildrop", *self.maildrop.waiting()))
+            return samples
 
         self.observer.sample_queues(sample)
         log.info("relay: consuming %d subscription(s) and %s%s", len(self.config.subscriptions),

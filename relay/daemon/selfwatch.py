@@ -3,9 +3,9 @@ and the alerts about itself when mail stops flowing.
 
 One task beside the consumers, once a second: tells the observer the loop runs (``/-/healthy``),
 checks the broker (``/-/ready`` goes 503 within seconds of losing it: aio-pika's robust
-connection reconnects quietly and a consumer just stops receiving); every
-:data:`~relay.observe.heartbeat.INTERVAL` it publishes the relay's heartbeat and asks
-:class:`~relay.observe.health.Health` what is due: an ERROR line per ``status.stale_after``
+connection reconnects quietly and a consumer just stops receiving), publishes the relay's
+heartbeat every :data:`~relay.observe.heartbeat.INTERVAL` and within a second of a change in
+its :class:`~relay.observe.health.Health`, and asks that what is due: an ERROR line per ``status.stale_after``
 and, once per episode, a mail to ``[smtp] admin`` when a smarthost refused us for that long
 (through a fallback that works) or dead letters appeared.
 """
@@ -18,25 +18,16 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING
 
 from relay.contract.mail import OutboundMail, to_message
 from relay.contract.message import Message
-from relay.contract.names import (
-    dead_queue,
-    outbound_queue,
-    relays_queue,
-    retry_queue,
-    silenced_queue,
-    subscription_queue,
-    unrouted_queue,
-)
-from relay.errors import ConfigurationError, RelayError
+from relay.contract.names import outbound_queue, relays_queue
+from relay.errors import RelayError
 from relay.observe.health import Alert
 from relay.observe.heartbeat import INTERVAL, Heartbeat
-from relay.observe.observer import QueueSample
 from relay.render.mime import build_message
 from relay.render.renderer import default_sender
 
@@ -71,14 +62,16 @@ class SelfWatch:
     async def run(self, consuming: Callable[[], bool]) -> None:
         """Until stopped; ``consuming()`` says whether the consumers are subscribed."""
         relay, observer = self.relay, self.relay.observer
-        next_beat = 0.0
+        next_beat, told = 0.0, None
         while True:
             observer.heartbeat()
             problem = await self._probe() if consuming() else "starting: subscribing to the queues"
             observer.ready(problem)
-            if problem is None and time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + INTERVAL
-                await self._beat()
+            if problem is None:
+                if time.monotonic() >= next_beat or relay.health.to_doc() != told:
+                    # Every INTERVAL, and within a second of a change status should see.
+                    next_beat, told = time.monotonic() + INTERVAL, relay.health.to_doc()
+                    await self._beat()
                 await self._alerts()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(relay.stop_requested.wait(), 1.0)
@@ -135,31 +128,3 @@ class SelfWatch:
             log.info("relay: mailed %s: %s", ", ".join(config.admins), alert.text)
         except RelayError as exc:
             log.error("relay: could not queue the mail to %s: %s", ", ".join(config.admins), exc)
-
-
-async def sample_queues(relay: Relay) -> Sequence[QueueSample]:
-    """The relay's queues as ``opsrelay_queue_*`` shows them: fixed roles by role, subscriptions by name."""
-    prefix, engine = relay.prefix, relay.engine
-    named = [("outbound", [outbound_queue(prefix)]), ("dead", [dead_queue(prefix)]),
-             ("unrouted", [unrouted_queue(prefix)]), ("silenced", [silenced_queue(prefix)]),
-             ("retry", [retry_queue(prefix, d) for d in sorted(set(relay.retry_delays_ms))])]
-    named += [(subscription_queue(prefix, s.name), [subscription_queue(prefix, s.name)])
-              for s in relay.config.subscriptions]
-    now = time.time()
-    samples: list[QueueSample] = []
-    for label, queues in named:
-        total, oldest = 0, None
-        for queue in queues:
-            try:
-                depth = await engine.depth(queue)
-                head = await engine.oldest(queue) if depth else None
-            except ConfigurationError:
-                continue  # not declared (yet)
-            total += depth
-            if head is not None:
-                oldest = max(oldest or 0.0, now - head)
-        samples.append(QueueSample(label, total, oldest))
-    if relay.maildrop is not None:
-        count, age = relay.maildrop.waiting()
-        samples.append(QueueSample("maildrop", count, age))
-    return samples

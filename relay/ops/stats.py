@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +17,17 @@ from relay.contract.names import (
     dead_queue,
     outbound_queue,
     retry_queue,
+    silenced_queue,
     subscription_queue,
     unrouted_queue,
 )
 from relay.delivery.budget import BudgetUse, EngineBudget
 from relay.engines.base import Engine
 from relay.errors import ConfigurationError, MessageDecodeError
+from relay.observe.observer import QueueSample
 from relay.ops.browse import browse
 
-__all__ = ["HeldMail", "QueueCount", "QueueStats", "queue_stats"]
+__all__ = ["HeldMail", "QueueCount", "QueueStats", "queue_samples", "queue_stats"]
 
 
 
@@ -96,3 +99,30 @@ def _held(queue: str, message: Message) -> HeldMail:
     except MessageDecodeError:
         recipients = ()
     return HeldMail(queue, message.message_id, held_fault(h) or "", holds if isinstance(holds, int) else 0, recipients)
+
+
+async def queue_samples(engine: Engine, prefix: str, retry_delays_ms: Sequence[int],
+                        subscriptions: Sequence[str]) -> list[QueueSample]:
+    """Depth and oldest age per queue as ``opsrelay_queue_*`` and ``opsrelay status`` show them: the fixed
+    queues by role (the retry steps summed as ``retry``), subscription queues by name. Undeclared: skipped."""
+    retries = [retry_queue(prefix, d) for d in sorted(set(retry_delays_ms))]
+    named = [("outbound", [outbound_queue(prefix)]), ("retry", retries), ("dead", [dead_queue(prefix)]),
+             ("unrouted", [unrouted_queue(prefix)]), ("silenced", [silenced_queue(prefix)])]
+    named += [(subscription_queue(prefix, s), [subscription_queue(prefix, s)]) for s in subscriptions]
+    now = time.time()
+    samples: list[QueueSample] = []
+    for label, queues in named:
+        total, oldest, declared = 0, None, False
+        for queue in queues:
+            try:
+                depth = await engine.depth(queue)
+                head = await engine.oldest(queue) if depth else None
+            except ConfigurationError:
+                continue
+            declared = True
+            total += depth
+            if head is not None:
+                oldest = max(oldest or 0.0, now - head)
+        if declared:
+            samples.append(QueueSample(label, total, oldest))
+    return samples

@@ -117,11 +117,29 @@ def _toml(value: object) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
+def _tables(values: object) -> bool:
+    return isinstance(values, list | tuple) and bool(values) and all(isinstance(v, Mapping) for v in values)
+
+
+def _table(name: str, values: Mapping[str, Any], header: str) -> list[str]:
+    """One [table] or [[array item]], its own arrays of tables ([[smtp.fallback]]) after it."""
+    lines = ["", header, *(f"{json.dumps(k)} = {_toml(v)}" for k, v in values.items()
+                           if not isinstance(v, Mapping) and not _tables(v))]
+    for key, items in values.items():
+        if _tables(items):
+            lines += [line for item in items for line in _table(f"{name}.{key}", item, f"[[{name}.{key}]]")]
+    return lines
+
+
 def write_toml(settings: Mapping[str, Any], path: Path) -> Path:
-    lines = [f"{key} = {_toml(value)}" for key, value in settings.items() if not isinstance(value, Mapping)]
-    for table, values in settings.items():
+    """Plain values, tables and arrays of tables ([[subscriptions]], [[smtp.fallback]])."""
+    lines = [f"{key} = {_toml(value)}" for key, value in settings.items()
+             if not isinstance(value, Mapping) and not _tables(value)]
+    for name, values in settings.items():
         if isinstance(values, Mapping):
-            lines += ["", f"[{table}]", *(f"{json.dumps(k)} = {_toml(v)}" for k, v in values.items())]
+            lines += _table(name, values, f"[{name}]")
+        elif _tables(values):
+            lines += [line for item in values for line in _table(name, item, f"[[{name}]]")]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
