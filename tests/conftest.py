@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import require_rabbitmq
+from tests.brokers import RabbitControl, require_rabbitmq
 from tests.smtp_server import SmtpServer
 
 
@@ -32,3 +32,13 @@ def prefix() -> str:
 def smtp_server(tmp_path: Path) -> Iterator[SmtpServer]:
     with SmtpServer(tmp_path / "smtp") as server:
         yield server
+
+
+@pytest.fixture
+def rabbit(amqp_url: str) -> Iterator[RabbitControl]:
+    """Stops and starts the RabbitMQ application; started again after the test whatever happened."""
+    control = RabbitControl()
+    try:
+        yield control
+    finally:
+        control.start()  # when a test failed before it could

@@ -19,7 +19,6 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import TYPE_CHECKING
 
 from relay.contract.mail import OutboundMail, to_message
@@ -28,6 +27,7 @@ from relay.contract.names import outbound_queue, relays_queue
 from relay.errors import RelayError
 from relay.observe.health import Alert
 from relay.observe.heartbeat import INTERVAL, Heartbeat
+from relay.observe.observer import running_version
 from relay.render.mime import build_message
 from relay.render.renderer import default_sender
 
@@ -43,13 +43,6 @@ PROBE_TIMEOUT = 3.0
 
 def relay_id(host: str) -> str:
     return f"{host}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def _version() -> str:
-    try:
-        return metadata.version("opsrelay")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class SelfWatch:
@@ -94,7 +87,7 @@ class SelfWatch:
         return None
 
     async def _beat(self) -> None:
-        beat = Heartbeat(self.id, self.relay.config.host, os.getpid(), time.time(), self.started, _version(),
+        beat = Heartbeat(self.id, self.relay.config.host, os.getpid(), time.time(), self.started, running_version(),
                          tuple(sorted(self.relay.owned)), self.relay.health.to_doc())
         try:
             await self.relay.engine.send(relays_queue(self.relay.prefix), Message(beat.encode(), f"beat-{self.id}"))

@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 
-__all__ = ["AttemptOutcome", "Observer", "QueueSample", "Sampler"]
+__all__ = ["AttemptOutcome", "Observer", "QueueSample", "Sampler", "running_version"]
+
+
+def running_version() -> str:
+    """opsrelay's installed version (build_info, heartbeats)."""
+    try:
+        return metadata.version("opsrelay")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 # The outcome label of opsrelay_delivery_attempts_total.
 AttemptOutcome = str  # "delivered" | "retry" | "dead" | "held"

@@ -13,27 +13,19 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from relay.observe.observer import AttemptOutcome, Observer, QueueSample, Sampler
+from relay.observe.observer import AttemptOutcome, Observer, QueueSample, Sampler, running_version
 
 __all__ = ["DEAD_REASONS", "PromObserver"]
 
 DEAD_REASONS = ("permanent", "attempts", "invalid")
 # Seconds: SMTP sessions take from milliseconds (loopback) to a minute (a slow provider).
 _SEND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("opsrelay")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class _Queues(Collector):
@@ -112,7 +104,7 @@ class PromObserver(Observer):
                          ["smarthost"], registry=r)
         self._held = Gauge("opsrelay_held", "1 while delivery is held for that fault", ["smarthost", "fault"],
                            registry=r)
-        Gauge("opsrelay_build_info", "The running version", ["version"], registry=r).labels(_version()).set(1)
+        Gauge("opsrelay_build_info", "The running version", ["version"], registry=r).labels(running_version()).set(1)
         self._queues = _Queues(sample_timeout)
         r.register(self._queues)
         # Present at 0 from the start, so that rate() and absent() work before the first one.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,15 +45,6 @@ def scrape(base: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
-
-
-@pytest.fixture
-def rabbit() -> Iterator[RabbitControl]:
-    control = RabbitControl()
-    try:
-        yield control
-    finally:
-        control.start()
 
 
 def test_metrics_count_exactly_and_ready_follows_the_broker(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,15 +35,6 @@ from tests.waiting import wait_for
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(90)]
 
 CONFIRM = 2.0
-
-
-@pytest.fixture
-def rabbit(amqp_url: str) -> Iterator[RabbitControl]:
-    control = RabbitControl()
-    try:
-        yield control
-    finally:
-        control.start()  # when a test failed before it could
 
 
 def probe_topology(prefix: str) -> Topology:
