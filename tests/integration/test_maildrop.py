@@ -55,7 +55,7 @@ from types import TracebackType
 import pytest
 
 from relay.config.models import load_config
-from relay.contract.names import outbound_queue
+from relay.contract.names import outbound_queue, relays_queue, silence_owner_queue
 from relay.daemon.relay import Relay
 from relay.delivery.smtp import SmtpPool
 from relay.engines import open_engine
@@ -266,12 +266,15 @@ class DropHost:
         return {p.name.partition("-")[2]: p for p in self.rejected.iterdir()}
 
     def rows(self) -> Counter[str]:
-        """Messages per queue in the embedded queue file."""
+        """Messages per queue in the embedded queue file, but for the documents a relay keeps there on
+        purpose (its heartbeat, the silences' owner)."""
         if not self.db.exists():
             return Counter()
+        kept = (relays_queue(self.prefix), silence_owner_queue(self.prefix))
         conn = sqlite3.connect(self.db)
         try:
-            return Counter(dict(conn.execute("SELECT queue, COUNT(*) FROM messages GROUP BY queue").fetchall()))
+            return Counter({queue: n for queue, n in conn.execute(
+                "SELECT queue, COUNT(*) FROM messages GROUP BY queue").fetchall() if queue not in kept})
         finally:
             conn.close()
 
