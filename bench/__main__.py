@@ -1,5 +1,5 @@
 """``python -m bench [all|listener|relay|xoauth2|retry|sendmail|maildrop|embedded|crash-mail|
-storm] [options]``: see
+storm|metrics] [options]``: see
 bench/README.md."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="opsrelay against bare aiosmtplib and "
                                      "superlance's crashmail; see bench/README.md.")
     parser.add_argument("which", nargs="?", choices=("all", "listener", "relay", "xoauth2", "retry", "sendmail",
-                                                     "maildrop", "embedded", "crash-mail", "storm"), default="all")
+                                                     "maildrop", "embedded", "crash-mail", "storm", "metrics"),
+                        default="all")
     parser.add_argument("--events", type=int, default=10_000, help="listener: events per listener (10000)")
     parser.add_argument("--mails", type=int, default=2000, help="relay: mails per row (2000)")
     parser.add_argument("--fresh-mails", type=int, default=300,
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="crash-mail: crashes with a busy supervisord (100); the idle run has a quarter (>= 10)")
     parser.add_argument("--storm-seconds", type=float, default=30.0,
                         help="storm: seconds of crash storm for opsrelay and for crashmail each (30)")
+    parser.add_argument("--scrape-waiting", type=int, default=10_000,
+                        help="metrics: mails waiting on outbound while scraped (10000; a tenth as many dead)")
+    parser.add_argument("--scrapes", type=int, default=50, help="metrics: scrapes per latency row (50)")
+    parser.add_argument("--metrics-mails", type=int, default=2000,
+                        help="metrics: mails per relay turn, metrics off and on (2000)")
+    parser.add_argument("--metrics-rounds", type=int, default=5,
+                        help="metrics: rounds, each one turn with metrics off and one on (5)")
     args = parser.parse_args(argv)
     if args.retry_mails == 1 or min(args.retry_mails, args.retry_waiting, args.ssmtp_runs) < 0 \
             or args.retry_rounds < 1 or args.sendmail_runs < 1:
@@ -49,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1, and --events, --mails/rounds and --fresh-mails/rounds at least 2")
     if args.crashes < 2 or args.storm_seconds < 1:
         parser.error("--crashes must be at least 2 and --storm-seconds at least 1")
+    if args.scrape_waiting < 10 or args.scrapes < 1 or args.metrics_mails < 500 or args.metrics_rounds < 1:
+        parser.error("--scrape-waiting must be at least 10, --scrapes and --metrics-rounds at least 1, "
+                     "--metrics-mails at least 500")
 
     # aiormq logs every failed connect while the broker restarts; the tables say what matters.
     for noisy in ("aiormq", "aio_pika"):
@@ -92,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import crash_storm
 
         crash_storm.run(args.storm_seconds)
+    if args.which in ("all", "metrics"):
+        from bench import metrics_scrape
+
+        metrics_scrape.run(args.scrape_waiting, args.scrapes, args.metrics_mails, args.metrics_rounds)
     print(f"bench took {time.monotonic() - began:.0f}s")
     return 0
 

@@ -315,11 +315,13 @@ class RelayRun:
     dead: int
 
 
-async def full_relay(server: SmtpChild, mails: Sequence[OutboundMail], pool_size: int, work: Path) -> RelayRun:
+async def full_relay(server: SmtpChild, mails: Sequence[OutboundMail], pool_size: int, work: Path, *,
+                     metrics_listen: str = "") -> RelayRun:
     """``opsrelay serve`` draining a pre-filled outbound queue, timed until the server has every mail.
 
     Its CPU per mail is read from /proc between the first and the last mail, so the
     interpreter's start-up and imports are left out of it (they are in ``incl. start``).
+    ``metrics_listen`` (HOST:PORT) turns on its ``[metrics]`` (bench/metrics_scrape.py scrapes it).
     """
     from relay.config.models import load_config
     from relay.contract.mail import to_message
@@ -332,7 +334,9 @@ async def full_relay(server: SmtpChild, mails: Sequence[OutboundMail], pool_size
     config_path = work / f"relay-{pool_size}.toml"
     smtp = "\n".join(f"{key} = {_toml(value)}" for key, value in server.smtp_config(pool_size).items())
     config_path.write_text(f'host = "bench"\n\n[broker]\nurl = "{AMQP_URL}"\nprefix = "{prefix}"\n\n'
-                           f"[smtp]\n{smtp}\n", encoding="utf-8")
+                           f"[smtp]\n{smtp}\n"
+                           + (f'\n[metrics]\nlisten = "{metrics_listen}"\n' if metrics_listen else ""),
+                           encoding="utf-8")
     topology = relay_topology(load_config(config_path, env={}))
     outbound, dead = outbound_queue(prefix), dead_queue(prefix)
     log = work / f"relay-{pool_size}.log"
