@@ -49,10 +49,13 @@ class Upstream(Protocol):
 class EnginePublisher:
     """Publishes events to ``<prefix>.events`` through one engine, waiting for its confirm."""
 
-    def __init__(self, url: str, prefix: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, prefix: str, *, timeout: float = 5.0, queue_type: str = "classic",
+                 delivery_limit: int = 20) -> None:
         self.prefix = prefix
         self.timeout = timeout
-        self._engine: Engine = open_engine(url, confirm_timeout=timeout)
+        # The queues it declares (unrouted) must have the relay's queue type.
+        self._engine: Engine = open_engine(url, confirm_timeout=timeout, queue_type=queue_type,
+                                           delivery_limit=delivery_limit)
         self._declared = False
         self._lock: asyncio.Lock | None = None  # made on the loop (the forwarder and the loop share us)
         self._thread = LoopThread("opsrelay-publisher")

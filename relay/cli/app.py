@@ -27,6 +27,7 @@ from relay.cli.common import (
     config_or_exit,
     fail,
     setup_logging,
+    with_engine,
 )
 from relay.config.models import Config, load_config
 from relay.config.smarthost import SmarthostConfig
@@ -96,7 +97,7 @@ def listen(config: ConfigOption = None,
     if os.geteuid() == 0:
         from relay.maildrop.ingest import in_background
 
-        ingesting = in_background(cfg.source, cfg.broker.url, cfg.broker.confirm_timeout)
+        ingesting = in_background(cfg.source, cfg.broker.url, cfg.broker.engine_options)
     code = EX_OK
     try:
         with hosting, ingesting:
@@ -146,6 +147,27 @@ def serve(config: ConfigOption = None,
     except ConfigurationError as exc:
         fail(f"config error: {exc}", EX_CONFIG)
     logging.getLogger("opsrelay.relay").info("relay: stopped")
+
+
+@app.command("migrate-queues")
+def migrate_queues(config: ConfigOption = None) -> None:
+    """Remake each queue made with another type or arguments as broker.queue_type says, keeping its messages.
+
+    Stop the relays and listeners first (a queue with a consumer is refused).
+    """
+    from relay.daemon.relay import relay_topology
+    from relay.ops.migrate import migrate
+
+    cfg = config_or_exit(config)
+    setup_logging()
+    moved = with_engine(cfg, lambda engine: migrate(engine, relay_topology(cfg)))
+    for done in moved:
+        typer.echo(f"{done.queue}: now {cfg.broker.queue_type}, {done.messages} message(s) kept")
+    if not moved:
+        from relay.contract.urls import is_amqp
+
+        typer.echo(f"every queue is already {cfg.broker.queue_type}" if is_amqp(cfg.broker.url)
+                   else "the embedded queue has one kind of queue: nothing to do")
 
 
 def _metrics(cfg: Config) -> tuple[Observer | None, MetricsServer | None]:
@@ -226,7 +248,7 @@ async def _probe(cfg: Config) -> tuple[dict[str, str], bool]:
 
     results: dict[str, str] = {}
     failed = False
-    engine = open_engine(cfg.broker.url, confirm_timeout=cfg.broker.confirm_timeout)
+    engine = open_engine(cfg.broker.url, **cfg.broker.engine_options)
     try:
         await engine.connect()
         results["broker"] = "ok"
@@ -298,7 +320,7 @@ def send_test(address: Annotated[str, typer.Argument(help="where to send the tes
     mail = OutboundMail(sender=sender, recipients=(address,), raw=raw, origin="send-test")
 
     async def enqueue() -> None:
-        async with open_engine(cfg.broker.url, confirm_timeout=cfg.broker.confirm_timeout) as engine:
+        async with open_engine(cfg.broker.url, **cfg.broker.engine_options) as engine:
             await engine.declare(full_topology(cfg.broker.prefix, [], []))
             await engine.send(outbound_queue(cfg.broker.prefix), to_message(mail))
 
@@ -338,7 +360,7 @@ def maildrop_command(config: ConfigOption = None,
 
     async def run() -> tuple[int, int]:
         engine = None if is_sqlite(cfg.broker.url) else open_engine(cfg.broker.url,
-                                                                     confirm_timeout=cfg.broker.confirm_timeout)
+                                                                     **cfg.broker.engine_options)
         try:
             if engine is not None:
                 await engine.connect()

@@ -60,7 +60,7 @@ def with_engine(cfg: Config, work: Callable[[Engine], Awaitable[_T]]) -> _T:
     from relay.engines import open_engine
 
     async def run() -> _T:
-        async with open_engine(cfg.broker.url, confirm_timeout=cfg.broker.confirm_timeout) as engine:
+        async with open_engine(cfg.broker.url, **cfg.broker.engine_options) as engine:
             return await work(engine)
 
     try:

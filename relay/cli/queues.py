@@ -269,7 +269,7 @@ def status_command(config: ConfigOption = None, as_json: JsonOption = False) -> 
     cfg = config_or_exit(config)
 
     async def run() -> Status:
-        async with open_engine(cfg.broker.url, confirm_timeout=cfg.broker.confirm_timeout) as engine:
+        async with open_engine(cfg.broker.url, **cfg.broker.engine_options) as engine:
             return await gather(engine, cfg)
 
     try:

@@ -49,8 +49,8 @@ def _text(value: object) -> str:
 class FastConfig:
     """The sendmail-relevant part of the config, checked by the rules the models use."""
 
-    __slots__ = ("aliases", "busy_timeout", "domain", "from_line_override", "host", "maildrop", "max_size", "mode",
-                 "path", "prefix", "senders", "smtp_from", "trusted_users", "url")
+    __slots__ = ("aliases", "busy_timeout", "delivery_limit", "domain", "from_line_override", "host", "maildrop",
+                 "max_size", "mode", "path", "prefix", "queue_type", "senders", "smtp_from", "trusted_users", "url")
 
     def __init__(self, data: Mapping[str, Any], path: str) -> None:
         self.path = path
@@ -60,6 +60,10 @@ class FastConfig:
         self.prefix: str = _check(path, "broker.prefix", broker.get("prefix", DEFAULT_PREFIX), rules.check_name)
         self.busy_timeout: float = _check(path, "broker.confirm_timeout",
                                           broker.get("confirm_timeout", DEFAULT_CONFIRM_TIMEOUT), rules.check_duration)
+        self.queue_type: str = _check(path, "broker.queue_type", broker.get("queue_type", "classic"),
+                                      rules.check_queue_type)
+        self.delivery_limit: int = _check(path, "broker.delivery_limit", broker.get("delivery_limit", 20),
+                                          rules.check_delivery_limit)
         self.smtp_from: str = _check(path, "smtp.from", smtp.get("from", ""), rules.check_sender)
         self.aliases: dict[str, str] = _check(path, "aliases", _table(data, "aliases", path), rules.check_addresses)
         unknown = sorted(set(sendmail) - _SENDMAIL_KEYS)
@@ -77,6 +81,12 @@ class FastConfig:
                                     rules.check_absolute_path)
         self.trusted_users: tuple[str, ...] = _check(path, "sendmail.trusted_users", sendmail.get("trusted_users", []),
                                                      rules.check_names)
+
+    @property
+    def engine_options(self) -> dict[str, Any]:
+        """As :attr:`relay.config.models.BrokerConfig.engine_options`."""
+        return {"confirm_timeout": self.busy_timeout, "queue_type": self.queue_type,
+                "delivery_limit": self.delivery_limit}
 
 
 def _table(data: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:

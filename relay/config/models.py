@@ -31,9 +31,11 @@ from relay.config.rules import (
     DEFAULT_MAX_SIZE,
     check_absolute_path,
     check_address,
+    check_delivery_limit,
     check_duration,
     check_name,
     check_names,
+    check_queue_type,
     check_sender,
     parse_listen,
     parse_size,
@@ -97,6 +99,22 @@ class BrokerConfig(_Strict):
     # Store-and-forward for the listener when the AMQP broker is away: the embedded
     # engine's file, created on first use. Default: spool.db beside the default queue.
     spool: str = Field(default_factory=default_spool_url)
+    # RabbitMQ: "classic" (one node) or "quorum" (a cluster: every queue replicated, a message that
+    # keeps killing the relay dead-lettered after delivery_limit deliveries). The embedded queue: classic.
+    queue_type: Annotated[str, BeforeValidator(check_queue_type)] = "classic"
+    delivery_limit: Annotated[int, BeforeValidator(check_delivery_limit)] = 20
+
+    @model_validator(mode="after")
+    def _quorum_is_rabbitmq(self) -> BrokerConfig:
+        if self.queue_type == "quorum" and is_sqlite(self.url):
+            raise ValueError("queue_type = \"quorum\" is RabbitMQ's; the embedded queue (sqlite://) has one kind")
+        return self
+
+    @property
+    def engine_options(self) -> dict[str, Any]:
+        """What :func:`relay.engines.open_engine` takes besides the URL."""
+        return {"confirm_timeout": self.confirm_timeout, "queue_type": self.queue_type,
+                "delivery_limit": self.delivery_limit}
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # An amqp URL may hold a password: never in a repr or a log line.

@@ -147,3 +147,19 @@ def parse_listen(value: object) -> tuple[str, int] | None:
         raise ValueError(f"{value!r} is not HOST:PORT (e.g. \"127.0.0.1:9464\")")
     return host, int(port)
 
+
+
+QUEUE_TYPES = ("classic", "quorum")
+
+
+def check_queue_type(value: object) -> str:
+    """broker.queue_type: RabbitMQ's classic queues (one node) or quorum queues (a cluster)."""
+    if value not in QUEUE_TYPES:
+        raise ValueError(f"must be one of {', '.join(QUEUE_TYPES)}")
+    return str(value)
+
+
+def check_delivery_limit(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ValueError("must be a whole number from 1 to 1000")
+    return value

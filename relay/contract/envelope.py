@@ -21,6 +21,8 @@ Format version 1 (``x-opsrelay-v``); a queue written by an earlier release reads
 ``x-origin``       event | sendmail | send-test | self (the relay about itself)
 ``x-held``         the smarthost/config fault, on a mail waiting in a retry queue because of one
 ``x-dead-*``       reason, at, from (the queue), kind (mail | event | invalid) on a dead letter
+``x-first-death-*`` RabbitMQ's own, on a message the broker dead-lettered (a quorum queue's
+                   delivery limit: it kept killing the relay); read by :func:`broker_dead_letter`
 =================  =====================================================================
 """
 
@@ -48,6 +50,7 @@ __all__ = [
     "DEAD_REASON",
     "HELD",
     "VERSION",
+    "broker_dead_letter",
     "dead_headers",
     "held_fault",
     "mail_headers",
@@ -95,6 +98,18 @@ def mail_headers(sender: str, recipients: Sequence[str], *, attempts: int = 0,
 def dead_headers(*, reason: str, at: str, source: str, kind: str) -> dict[str, HeaderValue]:
     """What a dead letter carries besides the message's own headers: why, when, from where, what."""
     return {DEAD_REASON: reason, DEAD_AT: at, DEAD_FROM: source, DEAD_KIND: kind}
+
+
+def broker_dead_letter(headers: Mapping[str, HeaderValue]) -> tuple[str, str] | None:
+    """(reason, queue) of a message RabbitMQ dead-lettered itself, not opsrelay; None otherwise.
+
+    ``delivery_limit``: a quorum queue delivered it ``broker.delivery_limit`` times and it was never
+    settled, so it kept killing whoever took it.
+    """
+    if DEAD_REASON in headers:
+        return None
+    reason, queue = headers.get("x-first-death-reason"), headers.get("x-first-death-queue")
+    return (reason, queue) if isinstance(reason, str) and isinstance(queue, str) else None
 
 
 def _counter(value: object) -> bool:

@@ -15,7 +15,6 @@ from typing import TypeVar
 from relay.contract.names import (
     dead_queue,
     events_exchange,
-    lock_queue,
     outbound_queue,
     relays_queue,
     retry_queue,
@@ -63,6 +62,9 @@ class QueueSpec:
     # One consumer at a time gets messages (RabbitMQ's x-single-active-consumer); the
     # others stand by and take over when it goes. For state only one relay may own.
     single_active: bool = False
+    # Where a message goes that was delivered ``broker.delivery_limit`` times without being settled
+    # (it keeps killing its consumer): quorum queues count deliveries; None: never dead-lettered for it.
+    poison_to: str | None = None
     # The queue may exist without ``ttl_ms`` (declared by an older opsrelay): the embedded
     # engine then sets it, RabbitMQ (which cannot change a queue's arguments) keeps the queue
     # as it is and says so, instead of refusing to run.
@@ -122,14 +124,13 @@ HEARTBEAT_TTL_MS = 60_000
 def silence_topology(prefix: str) -> Topology:
     """Where silences and relay heartbeats are kept: what ``opsrelay silence`` and ``status`` need.
 
-    Both are small queues read whole (``Engine.read_all``), each with its lock queue. The events a
+    Both are small queues read whole (``Engine.read_all``; on RabbitMQ under a transient lock queue
+    the engine makes itself). The events a
     silence held back wait in ``silenced``; the relay that owns ``silences.owner`` (single active, as
     a stateful subscription's state queue) mails their summary when the silence ends."""
     silences, relays = silences_queue(prefix), relays_queue(prefix)
     return Topology(queues=(
-        QueueSpec(silences), QueueSpec(lock_queue(silences)),
-        QueueSpec(relays, ttl_ms=HEARTBEAT_TTL_MS), QueueSpec(lock_queue(relays)),
-        QueueSpec(silenced_queue(prefix)), QueueSpec(lock_queue(silenced_queue(prefix))),
+        QueueSpec(silences), QueueSpec(relays, ttl_ms=HEARTBEAT_TTL_MS), QueueSpec(silenced_queue(prefix)),
         QueueSpec(silence_owner_queue(prefix), single_active=True),
     ))
 
@@ -143,8 +144,9 @@ def full_topology(
 ) -> Topology:
     """Everything the relay uses: subscriptions, outbound, retry steps, dead letters, and the
     budget counters ``(queue, window_ms)``: each message expires after its window and is dropped."""
-    outbound = outbound_queue(prefix)
-    queues = [QueueSpec(outbound), QueueSpec(dead_queue(prefix))]
+    outbound, dead = outbound_queue(prefix), dead_queue(prefix)
+    # The queues the relay consumes for work: a message that kills it every time ends in dead.
+    queues = [QueueSpec(outbound, poison_to=dead), QueueSpec(dead)]
     queues += [
         QueueSpec(retry_queue(prefix, d), ttl_ms=d, dead_letter_to=outbound)
         for d in sorted(set(retry_delays_ms))
@@ -152,7 +154,7 @@ def full_topology(
     bindings = []
     for name, patterns in subscriptions:
         queue = subscription_queue(prefix, name)
-        queues.append(QueueSpec(queue))
+        queues.append(QueueSpec(queue, poison_to=dead))
         bindings += [BindingSpec(queue, events_exchange(prefix), p) for p in patterns]
     queues += [QueueSpec(state_queue(prefix, name), single_active=True) for name in stateful]
     queues += [QueueSpec(name, ttl_ms=window_ms) for name, window_ms in budgets]

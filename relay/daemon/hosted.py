@@ -148,7 +148,7 @@ class HostedRelay:
         from relay.engines import open_engine
 
         broker = self.config.broker
-        engine = open_engine(broker.url, confirm_timeout=broker.confirm_timeout)
+        engine = open_engine(broker.url, **broker.engine_options)
         try:
             async with asyncio.timeout(self.ready_timeout):
                 await engine.connect()

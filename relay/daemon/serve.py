@@ -37,7 +37,7 @@ async def serve_forever(config: Config, mailer: Mailer, stop: asyncio.Event, *,
     health = Health()  # outlives each connection: status and the alerts see across reconnects
     failures = 0
     while not stop.is_set():
-        engine = open_engine(config.broker.url, confirm_timeout=config.broker.confirm_timeout)
+        engine = open_engine(config.broker.url, **config.broker.engine_options)
         try:
             await engine.connect()
             failures = 0

@@ -15,14 +15,17 @@ if TYPE_CHECKING:
 __all__ = ["open_engine"]
 
 
-def open_engine(url: str, **options: float) -> Engine:
-    """The engine for ``url``: ``amqp://``/``amqps://`` or ``sqlite:///PATH``."""
+def open_engine(url: str, *, queue_type: str = "classic", delivery_limit: int = 20, **options: float) -> Engine:
+    """The engine for ``url``: ``amqp://``/``amqps://`` or ``sqlite:///PATH``.
+
+    ``queue_type`` and ``delivery_limit`` are RabbitMQ's (broker.queue_type); the embedded queue has one kind.
+    """
     from relay.contract.urls import is_amqp, is_sqlite
 
     if is_amqp(url):
         from relay.engines.amqp import AmqpEngine
 
-        return AmqpEngine(url, **options)
+        return AmqpEngine(url, queue_type=queue_type, delivery_limit=delivery_limit, **options)
     if is_sqlite(url):
         from relay.engines.sqlite import SqliteEngine
 

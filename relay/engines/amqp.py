@@ -24,12 +24,18 @@ import pamqp.exceptions
 
 from relay.contract.message import HeaderValue, Message
 from relay.contract.names import lock_queue
-from relay.contract.topology import Topology
+from relay.contract.topology import QueueSpec, Topology
 from relay.contract.urls import mask_url
 from relay.engines.base import Delivery, Engine
 from relay.errors import BrokerUnavailable, ConfigurationError
 
-__all__ = ["AmqpEngine"]
+__all__ = ["QUEUE_TYPES", "UNLIMITED_DELIVERIES", "AmqpEngine", "queue_arguments"]
+
+QUEUE_TYPES = ("classic", "quorum")
+# Quorum queues count deliveries, peeks and browses included; RabbitMQ 4 drops (or dead-letters) a
+# message past 20 by default. Queues whose messages are read on purpose again and again (dead
+# letters, silences, state documents, heartbeats, retry steps) get this explicit limit instead.
+UNLIMITED_DELIVERIES = 2**31 - 1
 
 # aio-pika's CONNECTION_EXCEPTIONS also holds bare RuntimeError and StopAsyncIteration: a bug of
 # ours must not pass for "broker unavailable", so list the library's own classes instead.
@@ -64,6 +70,31 @@ def _translated(action: str, url: str) -> Iterator[None]:
     except _BROKER_ERRORS as exc:
         reason = str(exc) or type(exc).__name__
         raise BrokerUnavailable(f"{action}: {mask_url(url)} unavailable ({reason})") from None
+
+
+def queue_arguments(q: QueueSpec, queue_type: str, delivery_limit: int) -> dict[str, Any]:
+    """The x-arguments of one queue: TTLs, dead-lettering, single active consumer, and the queue type."""
+    args: dict[str, Any] = {}
+    if q.ttl_ms is not None:
+        # RabbitMQ expires messages only at the queue head, which is why every
+        # backoff step has its own queue with one TTL (no head-of-line blocking).
+        args["x-message-ttl"] = q.ttl_ms
+    if q.dead_letter_to is not None:
+        args["x-dead-letter-exchange"] = ""
+        args["x-dead-letter-routing-key"] = q.dead_letter_to
+    if q.single_active:
+        args["x-single-active-consumer"] = True
+    if queue_type == "quorum":
+        args["x-queue-type"] = "quorum"
+        if q.poison_to is not None and q.dead_letter_to is None:
+            args["x-dead-letter-exchange"] = ""
+            args["x-dead-letter-routing-key"] = q.poison_to
+        args["x-delivery-limit"] = delivery_limit if q.poison_to is not None else UNLIMITED_DELIVERIES
+        if "x-dead-letter-exchange" in args:
+            # Dead-lettering that confirms like a publish (RabbitMQ 3.10+); it needs reject-publish.
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
+    return args
 
 
 class _AmqpDelivery:
@@ -101,8 +132,13 @@ async def _never_called(message: aio_pika.abc.AbstractIncomingMessage) -> None:
 
 
 class AmqpEngine(Engine):
-    def __init__(self, url: str, *, confirm_timeout: float = 5.0, connect_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, confirm_timeout: float = 5.0, connect_timeout: float = 5.0,
+                 queue_type: str = "classic", delivery_limit: int = 20) -> None:
+        if queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue_type {queue_type!r} (one of {', '.join(QUEUE_TYPES)})")
         self.url = url
+        self.queue_type = queue_type
+        self.delivery_limit = delivery_limit
         self.confirm_timeout = confirm_timeout
         self.connect_timeout = connect_timeout
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -114,6 +150,10 @@ class AmqpEngine(Engine):
 
     async def connect(self) -> None:
         if self._connection is not None and not self._connection.is_closed and self._channel is not None:
+            if self._channel.is_closed:
+                # A refused declare or publish closes its channel (AMQP); the connection stays.
+                with _translated("connect", self.url):
+                    await self._reopen_channel()
             return
         await self.close()
         connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -158,21 +198,12 @@ class AmqpEngine(Engine):
                 )
             queues: dict[str, aio_pika.abc.AbstractQueue] = {}
             for q in topology.queues:
-                qargs: dict[str, Any] = {}
-                if q.ttl_ms is not None:
-                    # RabbitMQ expires messages only at the queue head, which is why every
-                    # backoff step has its own queue with one TTL (no head-of-line blocking).
-                    qargs["x-message-ttl"] = q.ttl_ms
-                if q.dead_letter_to is not None:
-                    qargs["x-dead-letter-exchange"] = ""
-                    qargs["x-dead-letter-routing-key"] = q.dead_letter_to
-                if q.single_active:
-                    qargs["x-single-active-consumer"] = True
+                qargs = queue_arguments(q, self.queue_type, self.delivery_limit)
                 try:
                     queues[q.name] = await channel.declare_queue(q.name, durable=True, arguments=qargs)
-                except aio_pika.exceptions.ChannelPreconditionFailed:
-                    if not q.ttl_added_later:
-                        raise
+                except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+                    if not (q.ttl_added_later and "x-message-ttl" in str(exc)):
+                        raise ConfigurationError(self._mismatch(q.name, exc)) from None
                     _log.warning("queue %s exists without the TTL of %d ms this version gives it (declared by an "
                                  "older opsrelay); it keeps working as it is; delete it once to apply the TTL",
                                  q.name, q.ttl_ms)
@@ -181,6 +212,12 @@ class AmqpEngine(Engine):
             for b in topology.bindings:
                 queue = queues.get(b.queue) or await channel.declare_queue(b.queue, passive=True)
                 await queue.bind(b.exchange, routing_key=b.pattern)
+
+    def _mismatch(self, queue: str, exc: Exception) -> str:
+        """One line: which queue, and what to do about it."""
+        reason = str(exc).split(" - ", 1)[-1].split(" for queue ")[0]
+        return (f"queue {queue} exists with other arguments ({reason}); broker.queue_type is {self.queue_type!r}: "
+                f"if the queue was made as the other type, stop the relays and run `opsrelay migrate-queues`")
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         channel = self._publish_channel()
@@ -244,6 +281,9 @@ class AmqpEngine(Engine):
     async def oldest(self, queue: str) -> float | None:
         await self.connect()
         assert self._connection is not None
+        if self.queue_type == "quorum":
+            # A peek is a delivery to a quorum queue: it would count towards the delivery limit.
+            return None
         with _translated(f"inspect {queue}", self.url):
             # RabbitMQ cannot peek: take the head unacked and put it back (classic queues keep its place).
             async with self._connection.channel() as channel:
@@ -258,9 +298,9 @@ class AmqpEngine(Engine):
         return None if stamp is None else stamp.timestamp()
 
     async def read_all(self, queue: str, *, drop: Callable[[Message], bool] | None = None) -> list[Message]:
-        """Under a lock (an exclusive consumer on ``<queue>.lock``, which RabbitMQ gives to one channel at a
-        time and takes back when it closes, even when the process dies): take every message unacked, ack
-        the dropped, and close the channel, which puts the rest back in their order."""
+        """Under a lock (an exclusive consumer on the transient ``<queue>.lock``, which RabbitMQ gives to one
+        channel at a time and takes back when it closes, even when the process dies): take every message
+        unacked, ack the dropped, and close the channel, which puts the rest back in their order."""
         await self.connect()
         assert self._connection is not None
         give_up = time.monotonic() + _READ_LOCK_WAIT
@@ -269,11 +309,15 @@ class AmqpEngine(Engine):
             with _translated(f"read {queue}", self.url):
                 lock_channel = await self._connection.channel()
                 try:
-                    lock = await lock_channel.declare_queue(lock_queue(queue), durable=True)
+                    # Classic and transient whatever broker.queue_type says: quorum queues do not enforce
+                    # an exclusive consumer, and a transient queue is made again on a live node when
+                    # its node goes; it deletes itself when the lock is let go.
+                    lock = await lock_channel.declare_queue(lock_queue(queue), durable=False, auto_delete=True,
+                                                            arguments={"x-queue-type": "classic"})
                     try:
                         await lock.consume(_never_called, exclusive=True)
-                    except aiormq.exceptions.ChannelAccessRefused:
-                        pass  # another reader has it; the refusal closed this channel
+                    except (aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelNotFoundEntity):
+                        pass  # another reader has it (or let it go just now); the refusal closed this channel
                     else:
                         return await self._read_locked(queue, drop)
                 finally:
@@ -296,6 +340,24 @@ class AmqpEngine(Engine):
                 else:
                     kept.append(message)
         return kept
+
+    async def consumers(self, queue: str) -> int:
+        """Consumers attached to ``queue`` (ConfigurationError when it does not exist)."""
+        await self.connect()
+        assert self._connection is not None
+        with _translated(f"inspect {queue}", self.url):
+            async with self._connection.channel() as channel:
+                declared = await channel.declare_queue(queue, passive=True)
+                return int(declared.declaration_result.consumer_count or 0)
+
+    async def delete_queue(self, queue: str, *, if_empty: bool) -> None:
+        """Delete ``queue``; ``if_empty``: only if it is empty, which the broker checks (classic queues only:
+        quorum queues refuse the flag, and closing the connection for it)."""
+        await self.connect()
+        assert self._connection is not None
+        with _translated(f"delete {queue}", self.url):
+            async with self._connection.channel() as channel:
+                await channel.queue_delete(queue, if_unused=False, if_empty=if_empty)
 
     async def depth(self, queue: str) -> int:
         await self.connect()

@@ -32,8 +32,9 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from relay.config.fast import FastConfig
 from relay.contract.envelope import CONTENT_TYPE
@@ -371,7 +372,7 @@ def _drain(sock: _socket.socket, poked: asyncio.Event) -> None:
 
 
 @contextlib.contextmanager
-def in_background(source: str, url: str, confirm_timeout: float) -> Iterator[None]:
+def in_background(source: str, url: str, options: Mapping[str, Any]) -> Iterator[None]:
     """Ingest in a thread of its own while the block runs (``opsrelay listen`` as root), so a fleet
     member that runs only the listener still sends its users' mail."""
     import threading
@@ -389,7 +390,7 @@ def in_background(source: str, url: str, confirm_timeout: float) -> Iterator[Non
         stop = asyncio.Event()
         ready.append((asyncio.get_running_loop(), stop))
         started.set()
-        engine = None if is_sqlite(url) else open_engine(url, confirm_timeout=confirm_timeout)
+        engine = None if is_sqlite(url) else open_engine(url, **options)
         try:
             if engine is not None:
                 await engine.connect()

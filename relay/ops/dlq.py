@@ -17,6 +17,7 @@ from relay.contract.envelope import (
     DEAD_HEADERS,
     DEAD_KIND,
     DEAD_REASON,
+    broker_dead_letter,
 )
 from relay.contract.event import Event, decode_event
 from relay.contract.mail import OutboundMail, from_message, to_message
@@ -48,6 +49,13 @@ class DeadEntry:
     @classmethod
     def of(cls, message: Message) -> DeadEntry:
         kind = message.headers.get(DEAD_KIND)
+        if kind is None and broker_dead_letter(message.headers) is not None:
+            # Dead-lettered by the broker as it was: a mail if its envelope reads, else an event.
+            try:
+                from_message(message)
+                kind = "mail"
+            except MessageDecodeError:
+                kind = "event"
         mail = event = subject = None
         if kind == "mail":
             with contextlib.suppress(MessageDecodeError):
@@ -65,10 +73,19 @@ class DeadEntry:
 
     @property
     def kind(self) -> str:
+        if not self._header(DEAD_KIND) and broker_dead_letter(self.message.headers) is not None:
+            return "mail" if self.mail is not None else "event" if self.event is not None else "invalid"
         return self._header(DEAD_KIND) or "invalid"
 
     @property
     def reason(self) -> str:
+        by_broker = broker_dead_letter(self.message.headers)
+        if by_broker is not None:
+            reason, queue = by_broker
+            if reason == "delivery_limit":
+                return (f"delivery_limit: {queue} delivered it broker.delivery_limit times and it was never "
+                        "settled (it kept killing the relay)")
+            return f"{reason} (dead-lettered by the broker from {queue})"
         return self._header(DEAD_REASON)
 
     @property
@@ -77,7 +94,8 @@ class DeadEntry:
 
     @property
     def source(self) -> str:
-        return self._header(DEAD_FROM)
+        by_broker = broker_dead_letter(self.message.headers)
+        return by_broker[1] if by_broker is not None else self._header(DEAD_FROM)
 
     @property
     def recipients(self) -> tuple[str, ...]:
@@ -158,6 +176,9 @@ class PurgeReport:
     missing: tuple[str, ...] = ()
 
 
+_BROKER_FIELDS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+
+
 def _fresh(entry: DeadEntry, prefix: str) -> tuple[str, Message]:
     """Where a replayable dead letter goes back to, and as what."""
     if entry.mail is not None:
@@ -165,7 +186,9 @@ def _fresh(entry: DeadEntry, prefix: str) -> tuple[str, Message]:
         # that dies again shows every attempt, before and after the replay.
         again = replace(entry.mail, attempts=0, holds=0)
         return outbound_queue(prefix), to_message(again)
-    headers = {k: v for k, v in entry.message.headers.items() if k not in DEAD_HEADERS}
+    # Ours and the broker's dead-letter fields go; the event is as it was published.
+    headers = {k: v for k, v in entry.message.headers.items()
+               if k not in DEAD_HEADERS and not k.startswith(_BROKER_FIELDS)}
     return entry.source, replace(entry.message, headers=headers, routing_key="")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from relay.contract.mail import OutboundMail, to_message
 from relay.contract.names import outbound_queue
 from relay.contract.topology import full_topology
@@ -10,8 +13,11 @@ from relay.engines import open_engine
 __all__ = ["submit"]
 
 
-async def submit(url: str, prefix: str, mail: OutboundMail, *, confirm_timeout: float) -> None:
-    """Declare the relay's outbound layout (idempotent) and publish ``mail``, confirmed durable."""
-    async with open_engine(url, confirm_timeout=confirm_timeout) as engine:
+async def submit(url: str, prefix: str, mail: OutboundMail, *, options: Mapping[str, Any]) -> None:
+    """Declare the relay's outbound layout (idempotent) and publish ``mail``, confirmed durable.
+
+    ``options``: the broker's engine options (confirm_timeout, queue_type, delivery_limit).
+    """
+    async with open_engine(url, **options) as engine:
         await engine.declare(full_topology(prefix, [], []))
         await engine.send(outbound_queue(prefix), to_message(mail))

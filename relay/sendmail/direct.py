@@ -28,7 +28,7 @@ __all__ = ["deliver_now"]
 
 
 async def _attempt(config: Config, mail: OutboundMail) -> Plan | OverBudget:
-    engine = open_engine(config.broker.url, confirm_timeout=config.broker.confirm_timeout)
+    engine = open_engine(config.broker.url, **config.broker.engine_options)
     mailer = Smarthosts(config.smtp)
     try:
         await engine.connect()

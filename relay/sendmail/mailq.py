@@ -86,7 +86,7 @@ def _list_engine(cfg: FastConfig, out: TextIO, say: Callable[[str], None]) -> in
     quiet_logging()
 
     async def depth() -> int:
-        async with open_engine(cfg.url, confirm_timeout=cfg.busy_timeout) as engine:
+        async with open_engine(cfg.url, **cfg.engine_options) as engine:
             return await engine.depth(outbound_queue(cfg.prefix))
 
     try:

@@ -83,4 +83,4 @@ def _through_engine(cfg: FastConfig, sender: str, recipients: Sequence[str], raw
 
     quiet_logging()
     mail = OutboundMail(sender=sender, recipients=tuple(recipients), raw=raw, message_id=message_id, origin=ORIGIN)
-    asyncio.run(submit(cfg.url, cfg.prefix, mail, confirm_timeout=cfg.busy_timeout))
+    asyncio.run(submit(cfg.url, cfg.prefix, mail, options=cfg.engine_options))

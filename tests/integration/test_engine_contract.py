@@ -387,7 +387,7 @@ async def test_read_all_sees_every_message_even_while_others_read(
     broker: Broker, engine: Engine, prefix: str
 ) -> None:
     table = f"{prefix}.table"
-    await queues(broker, engine, table, f"{table}.lock")
+    await queues(broker, engine, table)
     for i in range(20):
         await engine.send(table, message(f"row{i}"))
     others = [await broker.open() for _ in range(3)]
@@ -400,7 +400,7 @@ async def test_read_all_drops_what_it_is_told_to_and_keeps_the_rest(
     broker: Broker, engine: Engine, prefix: str
 ) -> None:
     table = f"{prefix}.table"
-    await queues(broker, engine, table, f"{table}.lock")
+    await queues(broker, engine, table)
     for i in range(6):
         await engine.send(table, message(f"row{i}"))
     kept = await engine.read_all(table, drop=lambda m: int(m.body.decode()[3:]) % 2 == 0)
