@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv test lint typecheck pytest rabbitmq mail-clients test-users demo bench clean
+.PHONY: venv test lint typecheck pytest rabbitmq rabbitmq-cluster mail-clients test-users demo bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 rabbitmq:
 	scripts/ensure-rabbitmq.sh
+
+# Three more nodes, clustered, on 5681-5683 (the fleet tests kill one).
+rabbitmq-cluster: rabbitmq
+	scripts/ensure-rabbitmq-cluster.sh
 
 # Real mail clients the sendmail tests drive (bsd-mailx, git send-email, msmtp, ssmtp).
 mail-clients:
@@ -34,7 +38,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv rabbitmq mail-clients test-users
+pytest: venv rabbitmq rabbitmq-cluster mail-clients test-users
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

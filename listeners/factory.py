@@ -19,8 +19,7 @@ __all__ = ["make_publisher"]
 def make_publisher(config: Config) -> ListenerPublisher:
     """The publisher ``opsrelay listen`` uses for this config."""
     broker = config.broker
-    upstream = EnginePublisher(broker.url, broker.prefix, timeout=broker.confirm_timeout,
-                               queue_type=broker.queue_type, delivery_limit=broker.delivery_limit)
+    upstream = EnginePublisher(broker.url, broker.prefix, options=broker.engine_options)
     if is_sqlite(broker.url):
         return upstream
     return SpoolingPublisher(upstream, Spool(broker.spool, broker.prefix), confirm_timeout=broker.confirm_timeout)

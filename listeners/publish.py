@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
 
 from listeners.bridge import LoopThread
 from listeners.eventlistener import Publisher
@@ -49,13 +50,14 @@ class Upstream(Protocol):
 class EnginePublisher:
     """Publishes events to ``<prefix>.events`` through one engine, waiting for its confirm."""
 
-    def __init__(self, url: str, prefix: str, *, timeout: float = 5.0, queue_type: str = "classic",
-                 delivery_limit: int = 20) -> None:
+    def __init__(self, url: str, prefix: str, *, timeout: float = 5.0,
+                 options: Mapping[str, Any] | None = None) -> None:
+        """``options``: the broker's engine options (confirm_timeout, queue type: the unrouted queue it
+        declares must be the relay's type, the cluster's other nodes)."""
         self.prefix = prefix
-        self.timeout = timeout
-        # The queues it declares (unrouted) must have the relay's queue type.
-        self._engine: Engine = open_engine(url, confirm_timeout=timeout, queue_type=queue_type,
-                                           delivery_limit=delivery_limit)
+        options = dict(options or {"confirm_timeout": timeout})
+        self.timeout = options["confirm_timeout"]
+        self._engine: Engine = open_engine(url, **options)
         self._declared = False
         self._lock: asyncio.Lock | None = None  # made on the loop (the forwarder and the loop share us)
         self._thread = LoopThread("opsrelay-publisher")

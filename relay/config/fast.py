@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from relay.config import loader, rules
-from relay.contract.urls import check_broker_url, default_queue_url
+from relay.contract.urls import check_broker_url, check_broker_urls, default_queue_url
 from relay.errors import ConfigError
 
 TYPE_CHECKING = False
@@ -50,13 +50,19 @@ class FastConfig:
     """The sendmail-relevant part of the config, checked by the rules the models use."""
 
     __slots__ = ("aliases", "busy_timeout", "delivery_limit", "domain", "from_line_override", "host", "maildrop",
-                 "max_size", "mode", "path", "prefix", "queue_type", "senders", "smtp_from", "trusted_users", "url")
+                 "max_size", "mode", "path", "prefix", "queue_type", "senders", "shuffle_urls", "smtp_from",
+                 "trusted_users", "url", "urls")
 
     def __init__(self, data: Mapping[str, Any], path: str) -> None:
         self.path = path
         broker, smtp, sendmail = (_table(data, name, path) for name in ("broker", "smtp", "sendmail"))
         self.host: str = _check(path, "host", data.get("host", default_host()), _text)
-        self.url: str = _check(path, "broker.url", broker.get("url", default_queue_url()), check_broker_url)
+        self.urls: tuple[str, ...] = _check(path, "broker.urls", broker.get("urls", []), check_broker_urls)
+        self.shuffle_urls: bool = _check(path, "broker.shuffle_urls", broker.get("shuffle_urls", True),
+                                         rules.check_bool)
+        # As the model: urls gives the first address (both given is refused there).
+        self.url: str = self.urls[0] if self.urls else _check(path, "broker.url",
+                                                               broker.get("url", default_queue_url()), check_broker_url)
         self.prefix: str = _check(path, "broker.prefix", broker.get("prefix", DEFAULT_PREFIX), rules.check_name)
         self.busy_timeout: float = _check(path, "broker.confirm_timeout",
                                           broker.get("confirm_timeout", DEFAULT_CONFIRM_TIMEOUT), rules.check_duration)
@@ -86,7 +92,7 @@ class FastConfig:
     def engine_options(self) -> dict[str, Any]:
         """As :attr:`relay.config.models.BrokerConfig.engine_options`."""
         return {"confirm_timeout": self.busy_timeout, "queue_type": self.queue_type,
-                "delivery_limit": self.delivery_limit}
+                "delivery_limit": self.delivery_limit, "alternates": self.urls[1:], "shuffle": self.shuffle_urls}
 
 
 def _table(data: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from relay.config.smarthost import DEFAULT_PORTS, OAuth2Config, Security, Smarth
 from relay.contract.event import STATES
 from relay.contract.urls import (
     check_broker_url,
+    check_broker_urls,
     default_queue_url,
     default_spool_url,
     is_loopback,
@@ -103,6 +104,22 @@ class BrokerConfig(_Strict):
     # keeps killing the relay dead-lettered after delivery_limit deliveries). The embedded queue: classic.
     queue_type: Annotated[str, BeforeValidator(check_queue_type)] = "classic"
     delivery_limit: Annotated[int, BeforeValidator(check_delivery_limit)] = 20
+    # The nodes of a RabbitMQ cluster, instead of url: each process connects to the first that answers,
+    # in a random order (shuffle_urls = false: as listed, e.g. the local node first), and moves to
+    # another when its node goes.
+    urls: Annotated[tuple[str, ...], BeforeValidator(check_broker_urls)] = ()
+    shuffle_urls: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _urls_or_url(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("urls"):
+            if "url" in data:
+                raise ValueError("give url or urls, not both")
+            urls = data["urls"]
+            if isinstance(urls, list | tuple) and urls and isinstance(urls[0], str):
+                data = {**data, "url": urls[0]}
+        return data
 
     @model_validator(mode="after")
     def _quorum_is_rabbitmq(self) -> BrokerConfig:
@@ -114,11 +131,13 @@ class BrokerConfig(_Strict):
     def engine_options(self) -> dict[str, Any]:
         """What :func:`relay.engines.open_engine` takes besides the URL."""
         return {"confirm_timeout": self.confirm_timeout, "queue_type": self.queue_type,
-                "delivery_limit": self.delivery_limit}
+                "delivery_limit": self.delivery_limit, "alternates": self.urls[1:], "shuffle": self.shuffle_urls}
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # An amqp URL may hold a password: never in a repr or a log line.
         for name, value in super().__repr_args__():
+            if name == "urls":
+                value = tuple(mask_url(u) for u in value)
             yield name, mask_url(value) if name == "url" else value
 
     @field_validator("spool")

@@ -10,6 +10,7 @@ __all__ = [
     "RETRY_INFIX",
     "budget_queue",
     "dead_queue",
+    "document_queues",
     "events_exchange",
     "is_retry_queue",
     "lock_queue",
@@ -100,3 +101,9 @@ def relays_queue(prefix: str) -> str:
 def lock_queue(queue: str) -> str:
     """An empty queue whose exclusive consumer is the lock on reading ``queue`` as a whole (RabbitMQ)."""
     return f"{queue}.lock"
+
+
+def document_queues(prefix: str) -> tuple[str, ...]:
+    """Queues a running relay always keeps a message in on purpose (its heartbeat, the silences' owner
+    document): not work waiting, whatever their depth says."""
+    return (relays_queue(prefix), silence_owner_queue(prefix))

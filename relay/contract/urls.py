@@ -13,6 +13,7 @@ __all__ = [
     "AMQP_SCHEMES",
     "SCHEMES",
     "check_broker_url",
+    "check_broker_urls",
     "default_queue_url",
     "default_spool_url",
     "is_amqp",
@@ -109,3 +110,13 @@ def mask_url(url: str) -> str:
         return url
     user = userinfo.split(":", 1)[0]
     return f"{name}://{user}:******@{hostpart}"
+
+
+def check_broker_urls(urls: object) -> tuple[str, ...]:
+    """``broker.urls``: the AMQP addresses of a cluster's nodes, each as :func:`check_broker_url` wants."""
+    if not isinstance(urls, list | tuple):
+        raise ValueError("must be a list of amqp:// or amqps:// URLs")
+    checked = tuple(check_broker_url(u) for u in urls)
+    if any(not is_amqp(u) for u in checked):
+        raise ValueError("the nodes of a cluster are amqp:// or amqps:// URLs")
+    return checked

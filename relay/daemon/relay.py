@@ -423,11 +423,12 @@ class Relay:
                 outcome = await self.mailer.send(mail.sender, mail.recipients, mail.raw, budget=self.budget)
         except RelayError as exc:
             outcome = exc
-        smarthost = outcome.smarthost or self.config.smtp.name
-        self._sessions(outcome, smarthost, time.monotonic() - began)
+        # The metrics' label; the history names only who answered ("" for a mailer that does not say).
+        label = outcome.smarthost or self.config.smtp.name
+        self._sessions(outcome, label, time.monotonic() - began)
         plan = decide(outcome, mail.recipients, attempt, self.config.retry, holds=mail.holds)
         for decision in plan:
-            await self._apply(mail, attempt, decision, smarthost)
+            await self._apply(mail, attempt, decision, outcome.smarthost, label=label)
         return plan
 
     def _sessions(self, outcome: SendResult | RelayError, smarthost: str, seconds: float) -> None:
@@ -445,25 +446,26 @@ class Relay:
         self.observer.dead_letter(reason)
         self.health.dead_letter(time.time())
 
-    async def _apply(self, mail: OutboundMail, attempt: int, decision: Decision, smarthost: str = "") -> None:
+    async def _apply(self, mail: OutboundMail, attempt: int, decision: Decision, smarthost: str = "", *,
+                     label: str = "") -> None:
         rcpts = decision.recipients
         what = f"mail {mail.message_id} attempt {attempt} to {len(rcpts)} recipient(s)"
         if isinstance(decision, Delivered):
             log.info("relay: %s delivered: %s", what, decision.reply)
-            self.observer.attempt(smarthost, "delivered")
-            self.observer.delivered(smarthost)
+            self.observer.attempt(label, "delivered")
+            self.observer.delivered(label)
             for held_at, fault in self.health.flowing():
                 self.observer.held(held_at, fault, on=False)
             return
         if isinstance(decision, Retry):
-            self.observer.attempt(smarthost, "retry")
+            self.observer.attempt(label, "retry")
             log.warning("relay: %s failed for now (%s); retry in %gs", what, decision.reason, decision.delay)
             later = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts, smarthost), recipients=rcpts)
             await self.engine.send(retry_queue(self.prefix, _ms(decision.delay)), to_message(later))
         elif isinstance(decision, Hold):
-            self.observer.attempt(smarthost, "held")
-            if self.health.hold(smarthost, decision.kind.value, decision.fault, time.time()):
-                self.observer.held(smarthost, decision.kind.value, on=True)
+            self.observer.attempt(label, "held")
+            if self.health.hold(label, decision.kind.value, decision.fault, time.time()):
+                self.observer.held(label, decision.kind.value, on=True)
             log.error("relay: DELIVERY HELD: %s; mail %s waits, retry in %gs (fix the smarthost or config)",
                       decision.fault, mail.message_id, decision.delay)
             later = mail.after(Attempt(utcnow_iso(), f"held: {decision.fault}", rcpts, smarthost),
@@ -472,7 +474,7 @@ class Relay:
                                    to_message(later, held=decision.fault))
         else:
             assert isinstance(decision, DeadLetter)
-            self.observer.attempt(smarthost, "dead")
+            self.observer.attempt(label, "dead")
             log.error("relay: %s dead-lettered: %s", what, decision.reason)
             final = mail.after(Attempt(utcnow_iso(), decision.reason, rcpts, smarthost), recipients=rcpts)
             await self.engine.send(dead_queue(self.prefix), dead_letter(

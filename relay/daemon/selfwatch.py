@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from relay.contract.mail import OutboundMail, to_message
 from relay.contract.message import Message
 from relay.contract.names import outbound_queue, relays_queue
-from relay.errors import RelayError
+from relay.errors import BrokerUnavailable, RelayError
 from relay.observe.health import Alert
 from relay.observe.heartbeat import INTERVAL, Heartbeat
 from relay.observe.observer import running_version
@@ -34,11 +34,14 @@ from relay.render.renderer import default_sender
 if TYPE_CHECKING:
     from relay.daemon.relay import Relay
 
-__all__ = ["PROBE_TIMEOUT", "SelfWatch", "relay_id"]
+__all__ = ["FAILOVER_AFTER", "PROBE_TIMEOUT", "SelfWatch", "relay_id"]
 
 log = logging.getLogger("opsrelay.relay")
 # A broker that does not answer a passive declare within this is not one we are consuming from.
 PROBE_TIMEOUT = 3.0
+# Lost this long with other nodes to go to: the relay ends and serve_forever connects to another
+# (aio-pika's robust connection would wait for the same node for ever).
+FAILOVER_AFTER = 2.0
 
 
 def relay_id(host: str) -> str:
@@ -56,14 +59,19 @@ class SelfWatch:
         """Until stopped; ``consuming()`` says whether the consumers are subscribed."""
         relay, observer = self.relay, self.relay.observer
         next_beat, told = 0.0, None
+        lost_since: float | None = None
         while True:
             observer.heartbeat()
             problem = await self._probe() if consuming() else "starting: subscribing to the queues"
             observer.ready(problem)
+            lost = relay.engine.lost()
+            lost_since = None if lost is None else lost_since or time.monotonic()
+            if lost_since is not None and relay.engine.failover() and time.monotonic() - lost_since >= FAILOVER_AFTER:
+                raise BrokerUnavailable(f"{lost}; moving to another node")
             if problem is None:
-                if time.monotonic() >= next_beat or relay.health.to_doc() != told:
+                if time.monotonic() >= next_beat or relay.health.signature() != told:
                     # Every INTERVAL, and within a second of a change status should see.
-                    next_beat, told = time.monotonic() + INTERVAL, relay.health.to_doc()
+                    next_beat, told = time.monotonic() + INTERVAL, relay.health.signature()
                     await self._beat()
                 await self._alerts()
             with contextlib.suppress(TimeoutError):

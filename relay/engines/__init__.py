@@ -10,22 +10,27 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from relay.engines.base import Engine
 
 __all__ = ["open_engine"]
 
 
-def open_engine(url: str, *, queue_type: str = "classic", delivery_limit: int = 20, **options: float) -> Engine:
+def open_engine(url: str, *, queue_type: str = "classic", delivery_limit: int = 20,
+                alternates: Sequence[str] = (), shuffle: bool = True, **options: float) -> Engine:
     """The engine for ``url``: ``amqp://``/``amqps://`` or ``sqlite:///PATH``.
 
-    ``queue_type`` and ``delivery_limit`` are RabbitMQ's (broker.queue_type); the embedded queue has one kind.
+    ``queue_type``, ``delivery_limit`` and the other nodes of a cluster (``alternates``, tried in a random
+    order unless ``shuffle`` is false) are RabbitMQ's; the embedded queue has one kind and one file.
     """
     from relay.contract.urls import is_amqp, is_sqlite
 
     if is_amqp(url):
         from relay.engines.amqp import AmqpEngine
 
-        return AmqpEngine(url, queue_type=queue_type, delivery_limit=delivery_limit, **options)
+        return AmqpEngine(url, queue_type=queue_type, delivery_limit=delivery_limit, alternates=alternates,
+                          shuffle=shuffle, **options)
     if is_sqlite(url):
         from relay.engines.sqlite import SqliteEngine
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -133,10 +134,16 @@ async def _never_called(message: aio_pika.abc.AbstractIncomingMessage) -> None:
 
 class AmqpEngine(Engine):
     def __init__(self, url: str, *, confirm_timeout: float = 5.0, connect_timeout: float = 5.0,
-                 queue_type: str = "classic", delivery_limit: int = 20) -> None:
+                 queue_type: str = "classic", delivery_limit: int = 20, alternates: Sequence[str] = (),
+                 shuffle: bool = True) -> None:
         if queue_type not in QUEUE_TYPES:
             raise ValueError(f"queue_type {queue_type!r} (one of {', '.join(QUEUE_TYPES)})")
-        self.url = url
+        # The nodes of a cluster (broker.urls): tried in a random order per process, so that a fleet
+        # spreads over them, and the next one when the one in use goes.
+        self.addresses = list(dict.fromkeys([url, *alternates]))
+        if shuffle:
+            random.shuffle(self.addresses)
+        self.url = self.addresses[0]
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
         self.confirm_timeout = confirm_timeout
@@ -148,18 +155,46 @@ class AmqpEngine(Engine):
     def __repr__(self) -> str:
         return f"AmqpEngine({mask_url(self.url)!r})"
 
+    def failover(self) -> bool:
+        return len(self.addresses) > 1
+
     async def connect(self) -> None:
-        if self._connection is not None and not self._connection.is_closed and self._channel is not None:
+        lost = self.lost() is not None and self.failover()
+        if self._connection is not None and not self._connection.is_closed and self._channel is not None \
+                and not lost:
+            reconnecting = self.lost()
+            if reconnecting is not None:
+                # aio-pika's robust connection is getting the node back: no channel can open meanwhile.
+                raise BrokerUnavailable(reconnecting)
             if self._channel.is_closed:
                 # A refused declare or publish closes its channel (AMQP); the connection stays.
                 with _translated("connect", self.url):
                     await self._reopen_channel()
             return
         await self.close()
+        if lost:
+            # The node in use went: the others first, it last (it may be back by then).
+            self.addresses.append(self.addresses.pop(self.addresses.index(self.url)))
+        failure: BaseException | None = None
+        for address in list(self.addresses):
+            try:
+                await self._connect_to(address)
+            except BrokerUnavailable as exc:
+                failure = exc
+                continue
+            self.url = address
+            return
+        assert failure is not None
+        if self.failover():
+            raise BrokerUnavailable(f"none of the {len(self.addresses)} broker addresses answered; "
+                                    f"the last: {failure}") from None
+        raise failure
+
+    async def _connect_to(self, url: str) -> None:
         connection: aio_pika.abc.AbstractRobustConnection | None = None
         try:
-            with _translated("connect", self.url):
-                connection = await aio_pika.connect_robust(self.url, timeout=self.connect_timeout)
+            with _translated("connect", url):
+                connection = await aio_pika.connect_robust(url, timeout=self.connect_timeout)
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         except BaseException:
             # Cancelled (a caller's bound ran out) or failed half-way: keep no half-open state,

@@ -87,6 +87,10 @@ class Engine(abc.ABC):
         Messages ``drop`` says yes to are removed instead of kept (and not returned).
         """
 
+    def failover(self) -> bool:
+        """Another address could take over when the one in use goes (a RabbitMQ cluster's nodes)."""
+        return False
+
     def lost(self) -> str | None:
         """Why the connection to the broker is gone while the engine tries to get it back (None: it is not)."""
         return None

@@ -96,7 +96,7 @@ class Health:
         if self.dead_letters > self._alerted_dead:
             new = self.dead_letters - self._alerted_dead
             alerts.append(Alert(f"dead/{self.dead_letters}", f"{new} new dead letter{'s' if new != 1 else ''} "
-                                "(opsrelay dlq list)", mail=True))
+                                "(opsrelay dlq list)", mail=False))
         if not alerts or (self._logged is not None and now - self._logged < stale_after):
             return []
         self._logged = now
@@ -109,6 +109,11 @@ class Health:
             return False
         self._mailed.add(alert.key)
         return True
+
+    def signature(self) -> tuple[object, ...]:
+        """What changes what status says (not every success's time): a heartbeat goes out when it does."""
+        return (tuple(sorted((n, h.failing_since) for n, h in self.smarthosts.items())),
+                tuple(sorted(self.held)), self.dead_letters)
 
     def to_doc(self) -> dict[str, Any]:
         return {

@@ -29,7 +29,7 @@ from relay.config.crashmail import CrashmailFlags, config_with_crashmail
 from relay.config.models import load_config
 from relay.contract.event import decode_event
 from relay.contract.message import Message
-from relay.contract.names import relays_queue, silence_owner_queue, unrouted_queue
+from relay.contract.names import document_queues, unrouted_queue
 from relay.daemon.hosted import hosted_config
 from relay.daemon.relay import relay_topology
 from relay.engines import open_engine
@@ -172,7 +172,7 @@ def test_sigterm_finishes_the_mail_in_flight_and_leaves_nothing_queued(run: Run,
     assert took < 5, f"stopping took {took:.1f}s"
     # Acked where it was taken: nothing waits to be sent again, in any queue the relay consumes.
     # (The relay's heartbeat and the silences' owner document are kept there on purpose.)
-    kept = {unrouted_queue(sv.prefix), relays_queue(sv.prefix), silence_owner_queue(sv.prefix)}
+    kept = {unrouted_queue(sv.prefix), *document_queues(sv.prefix)}
     waiting = {name: len(messages) for name, messages in sv.queued(flags).items() if name not in kept}
     assert f"{sv.prefix}.sub.crashmail" in waiting and f"{sv.prefix}.outbound" in waiting
     assert waiting == dict.fromkeys(waiting, 0)

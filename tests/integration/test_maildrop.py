@@ -55,7 +55,7 @@ from types import TracebackType
 import pytest
 
 from relay.config.models import load_config
-from relay.contract.names import outbound_queue, relays_queue, silence_owner_queue
+from relay.contract.names import document_queues, outbound_queue
 from relay.daemon.relay import Relay
 from relay.delivery.smtp import SmtpPool
 from relay.engines import open_engine
@@ -270,7 +270,7 @@ class DropHost:
         purpose (its heartbeat, the silences' owner)."""
         if not self.db.exists():
             return Counter()
-        kept = (relays_queue(self.prefix), silence_owner_queue(self.prefix))
+        kept = document_queues(self.prefix)
         conn = sqlite3.connect(self.db)
         try:
             return Counter({queue: n for queue, n in conn.execute(

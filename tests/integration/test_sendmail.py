@@ -29,6 +29,7 @@ from relay.config import fast as fastconfig
 from relay.config.models import load_config
 from relay.contract.mail import OutboundMail, from_message
 from relay.contract.message import Message
+from relay.contract.names import document_queues
 from relay.daemon.relay import Relay
 from relay.delivery.smtp import SmtpPool
 from relay.engines import sqlite_rows
@@ -98,7 +99,9 @@ class Host:
         try:
             sql = "SELECT queue, body, message_id, content_type, headers, routing_key, expires_at FROM messages"
             if queue is None:
-                return conn.execute(sql + " ORDER BY id").fetchall()
+                # But for the documents a running relay keeps there on purpose (heartbeat, silences' owner).
+                return conn.execute(sql + " WHERE queue NOT IN (?, ?) ORDER BY id",
+                                    document_queues(self.prefix)).fetchall()
             return conn.execute(sql + " WHERE queue = ? ORDER BY id", (queue,)).fetchall()
         finally:
             conn.close()
