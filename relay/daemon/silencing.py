@@ -48,11 +48,10 @@ class SilenceOwner:
         relay = self.relay
         keeper = StateKeeper(relay.engine, silence_owner_queue(relay.prefix))
         keeping = asyncio.create_task(keeper.run(), name="silences-owner")
+        loaded = asyncio.create_task(keeper.loaded.wait())
         try:
-            loaded = asyncio.create_task(keeper.loaded.wait())
             done, _ = await asyncio.wait([keeping, loaded], return_when=asyncio.FIRST_COMPLETED)
             if loaded not in done:
-                loaded.cancel()
                 keeping.result()
                 return
             log.info("relay: this relay sends the summaries of silences that end")
@@ -63,8 +62,9 @@ class SilenceOwner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(relay.stop_requested.wait(), POLL)
         finally:
+            loaded.cancel()
             keeping.cancel()
-            await asyncio.gather(keeping, return_exceptions=True)
+            await asyncio.gather(keeping, loaded, return_exceptions=True)
 
     async def turn(self, now: float) -> None:
         """Summarize the silences that ended since the last turn (all of them after a takeover)."""

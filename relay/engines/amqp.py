@@ -128,6 +128,17 @@ class _AmqpDelivery:
             await self._incoming.reject(requeue=requeue)
 
 
+# A channel whose close-ok never comes must not hold up a stop (seen when a consume RPC was cancelled).
+_CLOSE_WITHIN = 5.0
+
+
+async def _close_quietly(channel: aio_pika.abc.AbstractChannel) -> None:
+    """Close ``channel`` (which returns its unacked deliveries); gone or slow is fine: the broker
+    returns them anyway when the connection goes."""
+    with contextlib.suppress(*_BROKER_ERRORS):
+        await asyncio.wait_for(channel.close(), _CLOSE_WITHIN)
+
+
 async def _never_called(message: aio_pika.abc.AbstractIncomingMessage) -> None:
     """The lock queue's consumer: nothing is ever published there."""
 
@@ -294,8 +305,7 @@ class AmqpEngine(Engine):
                         yield _AmqpDelivery(raw, self.url)
         finally:
             # Closing the channel returns every unacked delivery to the queue.
-            with contextlib.suppress(*_BROKER_ERRORS):
-                await channel.close()
+            await _close_quietly(channel)
 
     async def get(self, queue: str) -> Delivery | None:
         await self.connect()
@@ -356,8 +366,7 @@ class AmqpEngine(Engine):
                     else:
                         return await self._read_locked(queue, drop)
                 finally:
-                    with contextlib.suppress(*_BROKER_ERRORS):
-                        await lock_channel.close()
+                    await _close_quietly(lock_channel)
             if time.monotonic() > give_up:
                 raise BrokerUnavailable(f"read {queue}: another reader held it for {_READ_LOCK_WAIT:g}s")
             await asyncio.sleep(pause)
