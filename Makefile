@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv test lint typecheck pytest rabbitmq rabbitmq-cluster mail-clients test-users demo bench clean
+.PHONY: venv test lint typecheck pytest rabbitmq rabbitmq-cluster rabbitmq-tls mail-clients test-users demo bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ rabbitmq:
 rabbitmq-cluster: rabbitmq
 	scripts/ensure-rabbitmq-cluster.sh
 
+# One more node with TLS (5691) and x509 login, and its test certificates.
+rabbitmq-tls: rabbitmq
+	scripts/ensure-rabbitmq-tls.sh
+
 # Real mail clients the sendmail tests drive (bsd-mailx, git send-email, msmtp, ssmtp).
 mail-clients:
 	scripts/ensure-mail-clients.sh
@@ -38,7 +42,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv rabbitmq rabbitmq-cluster mail-clients test-users
+pytest: venv rabbitmq rabbitmq-cluster rabbitmq-tls mail-clients test-users
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

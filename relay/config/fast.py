@@ -49,9 +49,9 @@ def _text(value: object) -> str:
 class FastConfig:
     """The sendmail-relevant part of the config, checked by the rules the models use."""
 
-    __slots__ = ("aliases", "busy_timeout", "delivery_limit", "domain", "from_line_override", "host", "maildrop",
-                 "max_size", "mode", "path", "prefix", "queue_type", "senders", "shuffle_urls", "smtp_from",
-                 "trusted_users", "url", "urls")
+    __slots__ = ("aliases", "auth", "busy_timeout", "ca_file", "cert_file", "delivery_limit", "domain",
+                 "from_line_override", "host", "key_file", "maildrop", "max_size", "mode", "path", "prefix",
+                 "queue_type", "senders", "shuffle_urls", "smtp_from", "trusted_users", "url", "urls")
 
     def __init__(self, data: Mapping[str, Any], path: str) -> None:
         self.path = path
@@ -70,6 +70,13 @@ class FastConfig:
                                       rules.check_queue_type)
         self.delivery_limit: int = _check(path, "broker.delivery_limit", broker.get("delivery_limit", 20),
                                           rules.check_delivery_limit)
+        self.ca_file, self.cert_file, self.key_file = (
+            _check(path, f"broker.{key}", broker[key], rules.check_absolute_path) if key in broker else ""
+            for key in ("ca_file", "cert_file", "key_file"))
+        self.auth: str = _check(path, "broker.auth", broker.get("auth", "plain"), rules.check_broker_auth)
+        if self.url.startswith("amqp"):
+            _check(path, "broker", None, lambda _: rules.check_broker_tls(
+                self.urls or (self.url,), self.ca_file, self.cert_file, self.key_file, self.auth))
         self.smtp_from: str = _check(path, "smtp.from", smtp.get("from", ""), rules.check_sender)
         self.aliases: dict[str, str] = _check(path, "aliases", _table(data, "aliases", path), rules.check_addresses)
         unknown = sorted(set(sendmail) - _SENDMAIL_KEYS)
@@ -92,7 +99,8 @@ class FastConfig:
     def engine_options(self) -> dict[str, Any]:
         """As :attr:`relay.config.models.BrokerConfig.engine_options`."""
         return {"confirm_timeout": self.busy_timeout, "queue_type": self.queue_type,
-                "delivery_limit": self.delivery_limit, "alternates": self.urls[1:], "shuffle": self.shuffle_urls}
+                "delivery_limit": self.delivery_limit, "alternates": self.urls[1:], "shuffle": self.shuffle_urls,
+                "ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file, "auth": self.auth}
 
 
 def _table(data: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:

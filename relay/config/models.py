@@ -31,6 +31,8 @@ from relay.config.rules import (
     DEFAULT_MAX_SIZE,
     check_absolute_path,
     check_address,
+    check_broker_auth,
+    check_broker_tls,
     check_delivery_limit,
     check_duration,
     check_name,
@@ -47,6 +49,7 @@ from relay.contract.urls import (
     check_broker_urls,
     default_queue_url,
     default_spool_url,
+    is_amqp,
     is_loopback,
     is_sqlite,
     mask_url,
@@ -109,6 +112,18 @@ class BrokerConfig(_Strict):
     # another when its node goes.
     urls: Annotated[tuple[str, ...], BeforeValidator(check_broker_urls)] = ()
     shuffle_urls: bool = True
+    # amqps: the CA to verify the broker with (default: the system's), a client certificate and its
+    # key, and auth = "external" to log in with that certificate (x509) instead of a password.
+    ca_file: Annotated[str, BeforeValidator(check_absolute_path)] = ""
+    cert_file: Annotated[str, BeforeValidator(check_absolute_path)] = ""
+    key_file: Annotated[str, BeforeValidator(check_absolute_path)] = ""
+    auth: Annotated[str, BeforeValidator(check_broker_auth)] = "plain"
+
+    @model_validator(mode="after")
+    def _tls_together(self) -> BrokerConfig:
+        if is_amqp(self.url):
+            check_broker_tls(self.urls or (self.url,), self.ca_file, self.cert_file, self.key_file, self.auth)
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -131,7 +146,8 @@ class BrokerConfig(_Strict):
     def engine_options(self) -> dict[str, Any]:
         """What :func:`relay.engines.open_engine` takes besides the URL."""
         return {"confirm_timeout": self.confirm_timeout, "queue_type": self.queue_type,
-                "delivery_limit": self.delivery_limit, "alternates": self.urls[1:], "shuffle": self.shuffle_urls}
+                "delivery_limit": self.delivery_limit, "alternates": self.urls[1:], "shuffle": self.shuffle_urls,
+                "ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file, "auth": self.auth}
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # An amqp URL may hold a password: never in a repr or a log line.

@@ -163,3 +163,24 @@ def check_delivery_limit(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
         raise ValueError("must be a whole number from 1 to 1000")
     return value
+
+
+BROKER_AUTHS = ("plain", "external")
+
+
+def check_broker_auth(value: object) -> str:
+    """broker.auth: "plain" (user and password of the URL) or "external" (the client certificate, x509)."""
+    if value not in BROKER_AUTHS:
+        raise ValueError(f"must be one of {', '.join(BROKER_AUTHS)}")
+    return str(value)
+
+
+def check_broker_tls(urls: tuple[str, ...], ca_file: str, cert_file: str, key_file: str, auth: str) -> None:
+    """The TLS settings of [broker] taken together; ValueError naming what is wrong."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("cert_file and key_file go together (a client certificate and its key)")
+    tls = all(u.startswith("amqps://") for u in urls)
+    if (ca_file or cert_file) and not tls:
+        raise ValueError("ca_file, cert_file and key_file are for amqps:// URLs")
+    if auth == "external" and not (tls and cert_file):
+        raise ValueError('auth = "external" logs in with the client certificate: it needs amqps:// and cert_file')

@@ -18,11 +18,13 @@ __all__ = ["open_engine"]
 
 
 def open_engine(url: str, *, queue_type: str = "classic", delivery_limit: int = 20,
-                alternates: Sequence[str] = (), shuffle: bool = True, **options: float) -> Engine:
+                alternates: Sequence[str] = (), shuffle: bool = True, ca_file: str = "", cert_file: str = "",
+                key_file: str = "", auth: str = "plain", **options: float) -> Engine:
     """The engine for ``url``: ``amqp://``/``amqps://`` or ``sqlite:///PATH``.
 
-    ``queue_type``, ``delivery_limit`` and the other nodes of a cluster (``alternates``, tried in a random
-    order unless ``shuffle`` is false) are RabbitMQ's; the embedded queue has one kind and one file.
+    ``queue_type``, ``delivery_limit``, the other nodes of a cluster (``alternates``, tried in a random
+    order unless ``shuffle`` is false) and the TLS files and login (``auth = "external"``: x509) are
+    RabbitMQ's; the embedded queue has one kind and one file.
     """
     from relay.contract.urls import is_amqp, is_sqlite
 
@@ -30,7 +32,8 @@ def open_engine(url: str, *, queue_type: str = "classic", delivery_limit: int = 
         from relay.engines.amqp import AmqpEngine
 
         return AmqpEngine(url, queue_type=queue_type, delivery_limit=delivery_limit, alternates=alternates,
-                          shuffle=shuffle, **options)
+                          shuffle=shuffle, ca_file=ca_file, cert_file=cert_file, key_file=key_file, auth=auth,
+                          **options)
     if is_sqlite(url):
         from relay.engines.sqlite import SqliteEngine
 

@@ -146,7 +146,8 @@ async def _never_called(message: aio_pika.abc.AbstractIncomingMessage) -> None:
 class AmqpEngine(Engine):
     def __init__(self, url: str, *, confirm_timeout: float = 5.0, connect_timeout: float = 5.0,
                  queue_type: str = "classic", delivery_limit: int = 20, alternates: Sequence[str] = (),
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, ca_file: str = "", cert_file: str = "", key_file: str = "",
+                 auth: str = "plain") -> None:
         if queue_type not in QUEUE_TYPES:
             raise ValueError(f"queue_type {queue_type!r} (one of {', '.join(QUEUE_TYPES)})")
         # The nodes of a cluster (broker.urls): tried in a random order per process, so that a fleet
@@ -155,6 +156,10 @@ class AmqpEngine(Engine):
         if shuffle:
             random.shuffle(self.addresses)
         self.url = self.addresses[0]
+        # amqps: the certificate and host name are verified (aiormq's default context) against the system's
+        # CAs or ca_file; cert_file/key_file present a client certificate; auth = "external" logs in with it.
+        self._tls = {"cafile": ca_file, "certfile": cert_file, "keyfile": key_file,
+                     "auth": "external" if auth == "external" else ""}
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
         self.confirm_timeout = confirm_timeout
@@ -201,11 +206,22 @@ class AmqpEngine(Engine):
                                     f"the last: {failure}") from None
         raise failure
 
+    def _dial(self, url: str) -> str:
+        """``url`` with the TLS settings as aiormq reads them (query parameters of an amqps URL)."""
+        extra = {k: v for k, v in self._tls.items() if v}
+        if not extra or not url.startswith("amqps://"):
+            return url
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.urlencode({**dict(urllib.parse.parse_qsl(parts.query)), **extra})
+        return urllib.parse.urlunsplit(parts._replace(query=query))
+
     async def _connect_to(self, url: str) -> None:
         connection: aio_pika.abc.AbstractRobustConnection | None = None
         try:
             with _translated("connect", url):
-                connection = await aio_pika.connect_robust(url, timeout=self.connect_timeout)
+                connection = await aio_pika.connect_robust(self._dial(url), timeout=self.connect_timeout)
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         except BaseException:
             # Cancelled (a caller's bound ran out) or failed half-way: keep no half-open state,
