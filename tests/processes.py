@@ -19,10 +19,12 @@ OPSRELAY = Path(sys.executable).parent / "opsrelay"
 class RelayProcess:
     """One ``opsrelay serve``; whatever happens, it is gone when the ``with`` block ends."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *, env: dict[str, str] | None = None) -> None:
+        """``env``: the process's whole environment (default: ours without OPSRELAY_* overrides)."""
         self.config, self.log_path = config, log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSRELAY_")}
-        env.update(PYTHONUNBUFFERED="1")
+        if env is None:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("OPSRELAY_")}
+            env.update(PYTHONUNBUFFERED="1")
         with log.open("wb") as out:
             self.process = subprocess.Popen(
                 [str(OPSRELAY), "serve", "--config", str(config)], stdin=subprocess.DEVNULL,

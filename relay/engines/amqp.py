@@ -71,6 +71,14 @@ def _translated(action: str, url: str) -> Iterator[None]:
     except _BROKER_ERRORS as exc:
         reason = str(exc) or type(exc).__name__
         raise BrokerUnavailable(f"{action}: {mask_url(url)} unavailable ({reason})") from None
+    except RuntimeError as exc:
+        # aio-pika and aiormq say "the connection closed under us" (a node killed) with a bare RuntimeError
+        # ("<Connection …> closed", "Connection was not opened"): that is the broker gone, not a bug of
+        # ours, and must not make the relay dead-letter what it was handling. Any other one is raised.
+        text = str(exc)
+        if not (text.endswith(" closed") or text == "Connection was not opened"):
+            raise
+        raise BrokerUnavailable(f"{action}: {mask_url(url)} unavailable ({text})") from None
 
 
 def queue_arguments(q: QueueSpec, queue_type: str, delivery_limit: int) -> dict[str, Any]:

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from email import message_from_bytes
 from email.message import Message as EmailMessage
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
@@ -61,6 +60,7 @@ from relay.delivery.smtp import SmtpPool
 from relay.engines import open_engine
 from relay.maildrop.ingest import STALE_TMP, ensure_layout, for_relay
 from tests.integration.faults import cleanup_broker, steady_port, wait_until
+from tests.processes import RelayProcess
 from tests.smtp_server import ReceivedMail, SmtpServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -383,38 +383,15 @@ async def relay_in_process(host: DropHost) -> AsyncIterator[Relay]:
     assert not host.wake.exists(), "the relay left its .wake socket behind"
 
 
-class ServeProcess:
-    """``opsrelay serve --config X`` as root, as deployed; killed when the block ends, whatever happened."""
+class ServeProcess(RelayProcess):
+    """``opsrelay serve --config X`` as root, as deployed (this checkout first on the path)."""
 
     def __init__(self, host: DropHost, log: Path) -> None:
-        self.log_path = log
-        with log.open("wb") as out:
-            self.process = subprocess.Popen([str(OPSRELAY), "serve", "--config", str(host.config)],
-                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                            env=root_env(), start_new_session=True)
+        super().__init__(host.config, log, env=root_env())
 
-    def text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def log(self) -> str:
-        return "--- relay log (last 30 lines)\n" + "\n".join(self.text().splitlines()[-30:])
-
-    def alive(self) -> None:
-        if self.process.poll() is not None:
-            raise AssertionError(f"the relay exited with {self.process.returncode}\n{self.log()}")
-
-    async def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return await asyncio.to_thread(self.process.wait, 20)
-
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+    async def terminate(self, within: float = 20.0) -> int:  # type: ignore[override]
+        code, _ = await super().terminate(within)
+        return code
 
 
 # -- a user without the config or the queue ---------------------------------------------------------
