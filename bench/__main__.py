@@ -1,5 +1,5 @@
 """``python -m bench [all|listener|relay|xoauth2|retry|sendmail|maildrop|embedded|crash-mail|
-storm|metrics] [options]``: see
+storm|metrics|quorum] [options]``: see
 bench/README.md."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="opsrelay against bare aiosmtplib and "
                                      "superlance's crashmail; see bench/README.md.")
     parser.add_argument("which", nargs="?", choices=("all", "listener", "relay", "xoauth2", "retry", "sendmail",
-                                                     "maildrop", "embedded", "crash-mail", "storm", "metrics"),
+                                                     "maildrop", "embedded", "crash-mail", "storm", "metrics",
+                                                     "quorum"),
                         default="all")
     parser.add_argument("--events", type=int, default=10_000, help="listener: events per listener (10000)")
     parser.add_argument("--mails", type=int, default=2000, help="relay: mails per row (2000)")
@@ -47,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="metrics: mails per relay turn, metrics off and on (2000)")
     parser.add_argument("--metrics-rounds", type=int, default=5,
                         help="metrics: rounds, each one turn with metrics off and one on (5)")
+    parser.add_argument("--quorum-events", type=int, default=2000,
+                        help="quorum: events published per queue type, classic and quorum (2000)")
+    parser.add_argument("--quorum-mails", type=int, default=1000,
+                        help="quorum: mails per relay turn, classic and quorum (1000)")
+    parser.add_argument("--quorum-rounds", type=int, default=5,
+                        help="quorum: rounds, each one relay turn per queue type (5)")
     args = parser.parse_args(argv)
     if args.retry_mails == 1 or min(args.retry_mails, args.retry_waiting, args.ssmtp_runs) < 0 \
             or args.retry_rounds < 1 or args.sendmail_runs < 1:
@@ -60,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scrape_waiting < 10 or args.scrapes < 1 or args.metrics_mails < 500 or args.metrics_rounds < 1:
         parser.error("--scrape-waiting must be at least 10, --scrapes and --metrics-rounds at least 1, "
                      "--metrics-mails at least 500")
+    if args.quorum_events < 1 or args.quorum_mails < 100 or args.quorum_rounds < 1:
+        parser.error("--quorum-events and --quorum-rounds must be at least 1, --quorum-mails at least 100")
 
     # aiormq logs every failed connect while the broker restarts; the tables say what matters.
     for noisy in ("aiormq", "aio_pika"):
@@ -107,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import metrics_scrape
 
         metrics_scrape.run(args.scrape_waiting, args.scrapes, args.metrics_mails, args.metrics_rounds)
+    if args.which in ("all", "quorum"):
+        from bench import quorum
+
+        quorum.run(args.quorum_events, args.quorum_mails, args.quorum_rounds)
     print(f"bench took {time.monotonic() - began:.0f}s")
     return 0
 

@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,33 +316,40 @@ class RelayRun:
 
 
 async def full_relay(server: SmtpChild, mails: Sequence[OutboundMail], pool_size: int, work: Path, *,
-                     metrics_listen: str = "") -> RelayRun:
+                     metrics_listen: str = "", broker: Mapping[str, object] | None = None) -> RelayRun:
     """``opsrelay serve`` draining a pre-filled outbound queue, timed until the server has every mail.
 
     Its CPU per mail is read from /proc between the first and the last mail, so the
     interpreter's start-up and imports are left out of it (they are in ``incl. start``).
     ``metrics_listen`` (HOST:PORT) turns on its ``[metrics]`` (bench/metrics_scrape.py scrapes it).
+    ``broker``: its ``[broker]`` keys besides ``prefix`` (default: ``url`` = AMQP_URL), e.g. a cluster's
+    ``urls`` and ``queue_type`` (bench/quorum.py); the queues are pre-filled and deleted through the
+    engine that config names, so they are declared as the relay declares them.
     """
     from relay.config.models import load_config
     from relay.contract.mail import to_message
     from relay.contract.names import dead_queue, outbound_queue
     from relay.daemon.relay import relay_topology
-    from relay.engines.amqp import AmqpEngine
+    from relay.engines import open_engine
 
     name = f"(d) opsrelay serve, pool_size={pool_size}"
     prefix = unique_prefix(f"relay{pool_size}")
     config_path = work / f"relay-{pool_size}.toml"
     smtp = "\n".join(f"{key} = {_toml(value)}" for key, value in server.smtp_config(pool_size).items())
-    config_path.write_text(f'host = "bench"\n\n[broker]\nurl = "{AMQP_URL}"\nprefix = "{prefix}"\n\n'
+    keys = {**(broker or {"url": AMQP_URL}), "prefix": prefix}
+    broker_keys = "\n".join(f"{key} = {_toml(value)}" for key, value in keys.items())
+    config_path.write_text(f'host = "bench"\n\n[broker]\n{broker_keys}\n\n'
                            f"[smtp]\n{smtp}\n"
                            + (f'\n[metrics]\nlisten = "{metrics_listen}"\n' if metrics_listen else ""),
                            encoding="utf-8")
-    topology = relay_topology(load_config(config_path, env={}))
+    config = load_config(config_path, env={})
+    url = config.broker.url  # with urls: the first node (shuffle_urls = false keeps it the relay's first too)
+    topology = relay_topology(config)
     outbound, dead = outbound_queue(prefix), dead_queue(prefix)
     log = work / f"relay-{pool_size}.log"
     try:
-        await wait_for_broker(AMQP_URL)
-        async with AmqpEngine(AMQP_URL) as engine:
+        await wait_for_broker(url)
+        async with open_engine(url, **config.broker.engine_options) as engine:
             await engine.declare(topology)
             for start in range(0, len(mails), 200):  # confirms awaited in batches, not one by one
                 await asyncio.gather(*(engine.send(outbound, to_message(m)) for m in mails[start:start + 200]))
@@ -371,15 +378,19 @@ async def full_relay(server: SmtpChild, mails: Sequence[OutboundMail], pool_size
         if window.received < len(mails):
             raise RuntimeError(f"opsrelay serve delivered {window.received} of {len(mails)}; its log:\n{tail(log)}")
         _check(name, window, len(mails))
-        depths = await queue_depths(AMQP_URL, [outbound, dead])
+        depths = await queue_depths(url, [outbound, dead])
         row = Row(name, pool_size, len(mails), started, window, cpu / (len(mails) - 1), broker_cpu)
         return RelayRun(row, depths[outbound], depths[dead])
     finally:
-        await delete_broker_objects(AMQP_URL, [q.name for q in topology.queues],
+        await delete_broker_objects(url, [q.name for q in topology.queues],
                                     [e.name for e in reversed(topology.exchanges)])
 
 
 def _toml(value: object) -> str:
+    if isinstance(value, bool):  # before int: bool is one
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return str(value) if isinstance(value, int | float) else '"' + str(value).replace("\\", "\\\\") + '"'
 
 
