@@ -45,12 +45,10 @@ def queue_command(config: ConfigOption = None, as_json: JsonOption = False) -> N
     """What waits in outbound, retry, dead-letter, unrouted and subscription queues; held delivery."""
     cfg = config_or_exit(config)
     # The retry steps as the relay names them (one queue per backoff step).
-    from relay.contract.names import outbound_queue
-    from relay.daemon.relay import relay_topology
+    from relay.daemon.relay import retry_delays_ms
     from relay.ops.stats import queue_stats
 
-    outbound = outbound_queue(cfg.broker.prefix)
-    delays = [q.ttl_ms for q in relay_topology(cfg).queues if q.ttl_ms is not None and q.dead_letter_to == outbound]
+    delays = retry_delays_ms(cfg)
     subs = [s.name for s in cfg.subscriptions]
     stats = with_engine(cfg, lambda engine: queue_stats(engine, cfg.broker.prefix, delays, subs,
                                                          cfg.smtp.smarthosts))

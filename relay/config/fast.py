@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Any
 
-__all__ = ["DEFAULT_MAILDROP", "SENDMAIL_MODES", "FastConfig", "load", "load_path", "maildrop_of"]
+__all__ = ["DEFAULT_MAILDROP", "SENDMAIL_MODES", "FastConfig", "engine_options", "load", "load_path", "maildrop_of"]
 
 SENDMAIL_MODES = ("queue", "direct")
 DEFAULT_PREFIX = "opsrelay"
@@ -97,10 +97,16 @@ class FastConfig:
 
     @property
     def engine_options(self) -> dict[str, Any]:
-        """As :attr:`relay.config.models.BrokerConfig.engine_options`."""
-        return {"confirm_timeout": self.busy_timeout, "queue_type": self.queue_type,
-                "delivery_limit": self.delivery_limit, "alternates": self.urls[1:], "shuffle": self.shuffle_urls,
-                "ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file, "auth": self.auth}
+        return engine_options(self, self.busy_timeout)
+
+
+def engine_options(broker: Any, confirm_timeout: float) -> dict[str, Any]:
+    """What :func:`relay.engines.open_engine` takes besides the URL, from either view of ``[broker]``
+    (:class:`relay.config.models.BrokerConfig` or :class:`FastConfig`: the same attribute names)."""
+    return {"confirm_timeout": confirm_timeout, "queue_type": broker.queue_type,
+            "delivery_limit": broker.delivery_limit, "alternates": broker.urls[1:], "shuffle": broker.shuffle_urls,
+            "ca_file": broker.ca_file, "cert_file": broker.cert_file, "key_file": broker.key_file,
+            "auth": broker.auth}
 
 
 def _table(data: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:

@@ -25,7 +25,13 @@ from pydantic import (
     model_validator,
 )
 
-from relay.config.fast import DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAILDROP, DEFAULT_PREFIX, default_host
+from relay.config.fast import (
+    DEFAULT_CONFIRM_TIMEOUT,
+    DEFAULT_MAILDROP,
+    DEFAULT_PREFIX,
+    default_host,
+    engine_options,
+)
 from relay.config.loader import read
 from relay.config.rules import (
     DEFAULT_MAX_SIZE,
@@ -145,9 +151,7 @@ class BrokerConfig(_Strict):
     @property
     def engine_options(self) -> dict[str, Any]:
         """What :func:`relay.engines.open_engine` takes besides the URL."""
-        return {"confirm_timeout": self.confirm_timeout, "queue_type": self.queue_type,
-                "delivery_limit": self.delivery_limit, "alternates": self.urls[1:], "shuffle": self.shuffle_urls,
-                "ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file, "auth": self.auth}
+        return engine_options(self, self.confirm_timeout)
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # An amqp URL may hold a password: never in a repr or a log line.

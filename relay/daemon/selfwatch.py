@@ -106,14 +106,13 @@ class SelfWatch:
         relay = self.relay
         for alert in relay.health.due_alerts(time.time(), self.stale_after):
             log.error("relay: MAIL NOT FLOWING: %s", alert.text)
-            if relay.health.first_mail(alert) and self._worth_mailing(alert):
+            if relay.health.first_mail(alert) and self._worth_mailing():
                 await self._mail_admin(alert)
 
-    def _worth_mailing(self, alert: Alert) -> bool:
-        """Not a mail that would wait behind the smarthost it complains about (no fallback)."""
-        if not self.relay.config.admins:
-            return False
-        return not alert.key.startswith("refused/") or len(self.relay.config.smtp.smarthosts) > 1
+    def _worth_mailing(self) -> bool:
+        """Someone to tell, and a fallback to tell them through: without one the mail would wait behind
+        the very smarthost it complains about (the only alerts that mail are about a refusing smarthost)."""
+        return bool(self.relay.config.admins) and len(self.relay.config.smtp.smarthosts) > 1
 
     async def _mail_admin(self, alert: Alert) -> None:
         config = self.relay.config

@@ -25,7 +25,6 @@ from relay.errors import ConfigurationError, MessageDecodeError
 from relay.notify.keeper import StateKeeper
 from relay.notify.silence import Silence, read_silenced, summary_notice
 from relay.notify.silence_log import read_silences
-from relay.notify.state import MAX_LISTED
 
 if TYPE_CHECKING:
     from relay.contract.event import Event
@@ -74,13 +73,13 @@ class SilenceOwner:
         if tidy:
             self._tidied = time.monotonic()
         ended = {sid for sid, s in silences.items() if s.ends <= now}
-        sweep = time.monotonic() - self._swept >= SWEEP
-        if not (ended - self._summarized) and not sweep:
+        new_ends = ended - self._summarized
+        if not new_ends and time.monotonic() - self._swept < SWEEP:
             return
         self._swept = time.monotonic()
         try:
-            if sweep and not ended - self._summarized and not await relay.engine.depth(self.queue):
-                return
+            if not new_ends and not await relay.engine.depth(self.queue):
+                return  # a sweep, and nothing waits
             await self._summarize(silences, now)
         except ConfigurationError:
             return  # not declared yet
@@ -105,15 +104,14 @@ class SilenceOwner:
                 with contextlib.suppress(MessageDecodeError):  # the relay decoded it before silencing it
                     events.append(decode_event(message.body))
             sub = subscriptions.get(name)
+            quiet = silence is not None and silence.quiet_summary
             if sub is None:
                 log.warning("relay: silence %s: %d event(s) of subscription %s, which is gone, dropped",
                             sid, len(messages), name)
-            elif events and not (silence is not None and silence.quiet_summary):
-                notice = summary_notice(sid, silence, name, events, now, listed=MAX_LISTED)
-                await relay.queue_or_dead_letter(sub, notice)
+            elif events and not quiet:
+                await relay.queue_or_dead_letter(sub, summary_notice(sid, silence, name, events, now))
             log.info("relay: silence %s ended: %s: %d event(s) it held %s", sid, name, len(events),
-                     "not summarized (--quiet-summary)" if silence is not None and silence.quiet_summary
-                     else "summarized")
+                     "not summarized (--quiet-summary)" if quiet else "summarized")
             done |= {(m.message_id, sid, name) for m in messages}
 
         def summarized(message: Message) -> bool:

@@ -183,20 +183,19 @@ class AmqpEngine(Engine):
         return len(self.addresses) > 1
 
     async def connect(self) -> None:
-        lost = self.lost() is not None and self.failover()
-        if self._connection is not None and not self._connection.is_closed and self._channel is not None \
-                and not lost:
-            reconnecting = self.lost()
-            if reconnecting is not None:
+        lost = self.lost()
+        if self._connection is not None and not self._connection.is_closed and self._channel is not None:
+            if lost is None:
+                if self._channel.is_closed:
+                    # A refused declare or publish closes its channel (AMQP); the connection stays.
+                    with _translated("connect", self.url):
+                        await self._reopen_channel()
+                return
+            if not self.failover():
                 # aio-pika's robust connection is getting the node back: no channel can open meanwhile.
-                raise BrokerUnavailable(reconnecting)
-            if self._channel.is_closed:
-                # A refused declare or publish closes its channel (AMQP); the connection stays.
-                with _translated("connect", self.url):
-                    await self._reopen_channel()
-            return
+                raise BrokerUnavailable(lost)
         await self.close()
-        if lost:
+        if lost is not None:
             # The node in use went: the others first, it last (it may be back by then).
             self.addresses.append(self.addresses.pop(self.addresses.index(self.url)))
         failure: BaseException | None = None
@@ -409,14 +408,19 @@ class AmqpEngine(Engine):
                     kept.append(message)
         return kept
 
-    async def consumers(self, queue: str) -> int:
-        """Consumers attached to ``queue`` (ConfigurationError when it does not exist)."""
+    async def _inspect(self, queue: str) -> tuple[int, int]:
+        """(ready messages, consumers) of ``queue``; ConfigurationError when it does not exist."""
         await self.connect()
         assert self._connection is not None
         with _translated(f"inspect {queue}", self.url):
+            # A passive declare of a missing queue closes its channel: use a throwaway one.
             async with self._connection.channel() as channel:
-                declared = await channel.declare_queue(queue, passive=True)
-                return int(declared.declaration_result.consumer_count or 0)
+                result = (await channel.declare_queue(queue, passive=True)).declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    async def consumers(self, queue: str) -> int:
+        """Consumers attached to ``queue`` (ConfigurationError when it does not exist)."""
+        return (await self._inspect(queue))[1]
 
     async def delete_queue(self, queue: str, *, if_empty: bool) -> None:
         """Delete ``queue``; ``if_empty``: only if it is empty, which the broker checks (classic queues only:
@@ -428,11 +432,4 @@ class AmqpEngine(Engine):
                 await channel.queue_delete(queue, if_unused=False, if_empty=if_empty)
 
     async def depth(self, queue: str) -> int:
-        await self.connect()
-        assert self._connection is not None
-        with _translated(f"inspect {queue}", self.url):
-            # A passive declare of a missing queue closes its channel: use a throwaway one.
-            async with self._connection.channel() as channel:
-                declared = await channel.declare_queue(queue, passive=True)
-                count = declared.declaration_result.message_count
-        return int(count or 0)
+        return (await self._inspect(queue))[0]

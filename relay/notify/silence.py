@@ -4,7 +4,7 @@ The silences live in the broker as a log of add and expire records that every re
 reads (``relay.contract.names.silences_queue``); a record is never edited in place, so
 the current silences are a fold over the log. This module holds the records' one writer
 and one reader, the matching and the summary of what a silence held back. It does no
-IO and imports only the standard library and the event contract, so that the CLI, the
+IO and imports only the standard library, the event contract and the notice value types, so that the CLI, the
 relay and the tests share it without loading pydantic, the config or an engine.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 from relay.contract.event import Event, iso_utc
 from relay.errors import MessageDecodeError
 from relay.notify.notice import Notice, NoticeKind, mail_id
+from relay.notify.state import MAX_LISTED
 
 __all__ = [
     "MATCH_KEYS", "RECORD_VERSION", "Matcher", "Record", "Silence", "SilencedSummary", "active_silences",
@@ -259,7 +260,7 @@ def read_silenced(headers: Mapping[str, object]) -> tuple[str, str] | None:
 
 
 def summary_notice(silence_id: str, silence: Silence | None, subscription: str, events: Sequence[Event],
-                   now: float, *, listed: int = 100) -> Notice:
+                   now: float, *, listed: int = MAX_LISTED) -> Notice:
     """The one mail per subscription when a silence ended: what it held back (first ``listed`` listed).
 
     ``silence`` None: its record is gone (ended long ago); the events still get their summary.

@@ -27,7 +27,8 @@ from relay.errors import ConfigurationError, MessageDecodeError
 from relay.observe.observer import QueueSample
 from relay.ops.browse import browse
 
-__all__ = ["HeldMail", "QueueCount", "QueueStats", "queue_samples", "queue_stats"]
+__all__ = ["HeldMail", "QueueCount", "QueueStats", "held_in", "held_mails", "queue_samples", "queue_stats",
+           "sample_queues"]
 
 
 
@@ -81,7 +82,7 @@ async def queue_stats(engine: Engine, prefix: str, retry_delays_ms: Sequence[int
             ready = None
         counts.append(QueueCount(role, name, ready))
         if role == "retry" and ready:
-            held += [_held(name, m) for m in await browse(engine, name) if held_fault(m.headers) is not None]
+            held += await held_in(engine, name)
     budgets: list[BudgetUse] = []
     for smarthost in smarthosts:
         try:
@@ -89,6 +90,19 @@ async def queue_stats(engine: Engine, prefix: str, retry_delays_ms: Sequence[int
         except ConfigurationError:
             continue  # not declared yet: the relay never ran with this budget
     return QueueStats(tuple(counts), tuple(held), tuple(budgets))
+
+
+async def held_in(engine: Engine, queue: str) -> list[HeldMail]:
+    """The mails in ``queue`` (a retry queue) held for a fault of the smarthost or our config."""
+    return [_held(queue, m) for m in await browse(engine, queue) if held_fault(m.headers) is not None]
+
+
+async def held_mails(engine: Engine, prefix: str, retry_delays_ms: Sequence[int]) -> list[HeldMail]:
+    """Every held mail of the retry queues (what ``queue_stats`` finds, without counting the other queues)."""
+    held: list[HeldMail] = []
+    for delay in sorted(set(retry_delays_ms)):
+        held += await held_in(engine, retry_queue(prefix, delay))
+    return held
 
 
 def _held(queue: str, message: Message) -> HeldMail:
@@ -109,20 +123,22 @@ async def queue_samples(engine: Engine, prefix: str, retry_delays_ms: Sequence[i
     named = [("outbound", [outbound_queue(prefix)]), ("retry", retries), ("dead", [dead_queue(prefix)]),
              ("unrouted", [unrouted_queue(prefix)]), ("silenced", [silenced_queue(prefix)])]
     named += [(subscription_queue(prefix, s), [subscription_queue(prefix, s)]) for s in subscriptions]
+    samples = [await sample_queues(engine, label, queues) for label, queues in named]
+    return [s for s in samples if s is not None]
+
+
+async def sample_queues(engine: Engine, label: str, queues: Sequence[str]) -> QueueSample | None:
+    """Ready messages of ``queues`` summed, and the oldest one's age, as one sample; None when none is declared."""
     now = time.time()
-    samples: list[QueueSample] = []
-    for label, queues in named:
-        total, oldest, declared = 0, None, False
-        for queue in queues:
-            try:
-                depth = await engine.depth(queue)
-                head = await engine.oldest(queue) if depth else None
-            except ConfigurationError:
-                continue
-            declared = True
-            total += depth
-            if head is not None:
-                oldest = max(oldest or 0.0, now - head)
-        if declared:
-            samples.append(QueueSample(label, total, oldest))
-    return samples
+    total, oldest, declared = 0, None, False
+    for queue in queues:
+        try:
+            depth = await engine.depth(queue)
+            head = await engine.oldest(queue) if depth else None
+        except ConfigurationError:
+            continue
+        declared = True
+        total += depth
+        if head is not None:
+            oldest = max(oldest or 0.0, now - head)
+    return QueueSample(label, total, oldest) if declared else None

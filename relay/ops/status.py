@@ -24,7 +24,7 @@ from relay.notify.silence import Silence
 from relay.notify.silence_log import read_silences
 from relay.observe.heartbeat import Heartbeat, latest
 from relay.observe.observer import QueueSample
-from relay.ops.stats import HeldMail, queue_samples, queue_stats
+from relay.ops.stats import HeldMail, held_mails, queue_samples, sample_queues
 
 __all__ = ["EXIT_BROKER", "EXIT_HEALTHY", "EXIT_STUCK", "Status", "gather", "unreachable"]
 
@@ -128,7 +128,7 @@ async def gather(engine: Engine, config: Config) -> Status:
         pass  # no relay ever ran with this prefix
     status.relays = latest(beats, status.now)
     status.queues = await queue_samples(engine, prefix, retry_delays_ms(config), subs)
-    status.held = list((await queue_stats(engine, prefix, retry_delays_ms(config), subs)).held)
+    status.held = await held_mails(engine, prefix, retry_delays_ms(config))
     status.silences = [s for s in (await read_silences(engine, prefix)).values() if s.ends > status.now]
     spool = await _spool(config)
     if spool is not None:
@@ -152,11 +152,8 @@ async def _spool(config: Config) -> QueueSample | None:
         return None
     from relay.engines.sqlite import SqliteEngine
 
-    queue = spool_name(config.broker.prefix)
     try:
         async with SqliteEngine(config.broker.spool) as spool:
-            depth = await spool.depth(queue)
-            head = await spool.oldest(queue) if depth else None
+            return await sample_queues(spool, "spool", [spool_name(config.broker.prefix)])
     except RelayError:
-        return None  # not declared, or not ours to read
-    return QueueSample("spool", depth, None if head is None else time.time() - head)
+        return None  # not ours to read
