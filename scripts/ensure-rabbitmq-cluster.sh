@@ -8,6 +8,7 @@ set -euo pipefail
 
 scripts="$(cd "$(dirname "$0")" && pwd)"
 "$scripts/ensure-rabbitmq.sh"   # the package, and the default node the other tests use
+. "$scripts/rabbitmq-node.sh"
 
 host="$(hostname -s)"
 base=/var/lib/opsrelay-test-cluster
@@ -26,23 +27,13 @@ start_node() {
     echo "ensure-rabbitmq-cluster: starting $name@$host on 127.0.0.1:$port" >&2
     mkdir -p "$base/$name/mnesia" "$base/$name/log"
     chown -R rabbitmq:rabbitmq "$base/$name"
-    su -s /bin/sh rabbitmq -c "HOME=/var/lib/rabbitmq RABBITMQ_NODENAME=$name@$host \
+    rabbit_node_start "RABBITMQ_NODENAME=$name@$host \
         RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$port RABBITMQ_DIST_PORT=$((port + 20000)) \
         RABBITMQ_MNESIA_BASE=$base/$name/mnesia RABBITMQ_LOG_BASE=$base/$name/log \
-        RABBITMQ_PID_FILE=$base/$name/pid RABBITMQ_ENABLED_PLUGINS_FILE=$base/$name/enabled_plugins \
-        /usr/sbin/rabbitmq-server -detached"
+        RABBITMQ_PID_FILE=$base/$name/pid RABBITMQ_ENABLED_PLUGINS_FILE=$base/$name/enabled_plugins"
 }
 
-await_node() {
-    for _ in $(seq 1 120); do
-        if ctl "$1" await_startup >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 1
-    done
-    echo "ensure-rabbitmq-cluster: $1@$host did not start within 120 s; see $base/$1/log" >&2
-    return 1
-}
+await_node() { rabbit_node_await "$1@$host" "$base/$1/log"; }
 
 start_node c1 5681
 start_node c2 5682

@@ -8,6 +8,7 @@ set -euo pipefail
 
 scripts="$(cd "$(dirname "$0")" && pwd)"
 "$scripts/ensure-rabbitmq.sh"
+. "$scripts/rabbitmq-node.sh"
 
 host="$(hostname -s)"
 base=/var/lib/opsrelay-test-tls
@@ -57,18 +58,12 @@ ctl() { rabbitmqctl -q -n "t1@$host" "$@"; }
 
 if ! ctl status >/dev/null 2>&1; then
     echo "ensure-rabbitmq-tls: starting t1@$host (TLS on 127.0.0.1:5691)" >&2
-    su -s /bin/sh rabbitmq -c "HOME=/var/lib/rabbitmq RABBITMQ_NODENAME=t1@$host \
+    rabbit_node_start "RABBITMQ_NODENAME=t1@$host \
         RABBITMQ_CONFIG_FILE=$base/rabbitmq.conf RABBITMQ_DIST_PORT=25690 \
         RABBITMQ_MNESIA_BASE=$base/mnesia RABBITMQ_LOG_BASE=$base/log RABBITMQ_PID_FILE=$base/pid \
-        RABBITMQ_ENABLED_PLUGINS_FILE=$base/enabled_plugins /usr/sbin/rabbitmq-server -detached"
+        RABBITMQ_ENABLED_PLUGINS_FILE=$base/enabled_plugins"
 fi
-for _ in $(seq 1 120); do
-    if ctl await_startup >/dev/null 2>&1; then
-        break
-    fi
-    sleep 1
-done
-ctl await_startup >/dev/null 2>&1 || { echo "ensure-rabbitmq-tls: t1 did not start; see $base/log" >&2; exit 1; }
+rabbit_node_await "t1@$host" "$base/log"
 
 # The x509 user: no password, so only its certificate logs it in.
 if ! ctl list_users --formatter json | grep -q '"opsrelay-x509"'; then

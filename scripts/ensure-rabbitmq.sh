@@ -17,22 +17,11 @@ if rabbitmqctl -q status >/dev/null 2>&1 || rabbitmq-diagnostics -q check_runnin
 fi
 
 echo "ensure-rabbitmq: starting rabbitmq-server" >&2
-# No systemd here: start the node detached, as the rabbitmq user when it exists.
-if id rabbitmq >/dev/null 2>&1; then
-    mkdir -p /var/lib/rabbitmq /var/log/rabbitmq
-    chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq
-    su -s /bin/sh rabbitmq -c "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 /usr/sbin/rabbitmq-server -detached" \
-        || service rabbitmq-server start
-else
-    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 rabbitmq-server -detached
-fi
-
-for _ in $(seq 1 120); do
-    if rabbitmqctl -q await_startup >/dev/null 2>&1; then
-        echo "ensure-rabbitmq: running" >&2
-        exit 0
-    fi
-    sleep 1
-done
-echo "ensure-rabbitmq: rabbitmq-server did not start within 120 s; see /var/log/rabbitmq" >&2
-exit 1
+. "$(dirname "$0")/rabbitmq-node.sh"
+host="$(hostname -s)"
+# No systemd here: start the node detached, as the rabbitmq user.
+mkdir -p /var/lib/rabbitmq /var/log/rabbitmq
+chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq
+rabbit_node_start "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1"
+rabbit_node_await "rabbit@$host" /var/log/rabbitmq
+echo "ensure-rabbitmq: running" >&2

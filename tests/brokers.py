@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,8 @@ __all__ = [
     "require_rabbitmq",
     "settled_depth",
     "sqlite_url",
+    "sweep_prefixes",
+    "unique_prefix",
 ]
 
 AMQP_URL = os.environ.get("OPSRELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -60,6 +63,53 @@ def require_rabbitmq() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return AMQP_URL
+
+
+_PREFIXES: set[str] = set()
+"""Every prefix this test session handed out: what its relays and listeners declared is swept at its end."""
+
+
+def unique_prefix() -> str:
+    """A broker.prefix no other test uses, remembered for :func:`sweep_prefixes`."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    _PREFIXES.add(prefix)
+    return prefix
+
+
+def _listed(kind: str, node: str | None) -> list[str]:
+    import subprocess
+
+    command = ["rabbitmqctl", "-q", *(["-n", node] if node else []), f"list_{kind}", "name", "--no-table-headers"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return done.stdout.split() if done.returncode == 0 else []
+
+
+async def sweep_prefixes(url: str = AMQP_URL, node: str | None = None) -> int:
+    """Delete every queue and exchange named under a prefix of this session; how many went.
+
+    A test's own cleanup deletes what it declared itself, but not what the relays, listeners and
+    CLI processes it started declared. Left behind, those add up to the thousands of durable queues
+    a restarted node must recover before it answers (a CI run hung on 1,054 of them).
+    """
+    if not _PREFIXES:
+        return 0
+    import aio_pika
+
+    def ours(name: str) -> bool:
+        return name.split(".", 1)[0] in _PREFIXES
+
+    queues = [q for q in _listed("queues", node) if ours(q)]
+    exchanges = [e for e in _listed("exchanges", node) if ours(e)]
+    if not queues and not exchanges:
+        return 0
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        for queue in queues:
+            await channel.queue_delete(queue)
+        for exchange in exchanges:
+            await channel.exchange_delete(exchange)
+    return len(queues) + len(exchanges)
 
 
 def engine_params() -> list[Any]:

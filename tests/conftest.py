@@ -7,13 +7,13 @@ Helpers live in modules (tests/brokers.py, tests/waiting.py): import those, not 
 
 from __future__ import annotations
 
-import uuid
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.brokers import RabbitControl, require_rabbitmq
+from tests.brokers import RabbitControl, rabbitmq_reachable, require_rabbitmq, sweep_prefixes, unique_prefix
 from tests.smtp_server import SmtpServer
 
 
@@ -25,7 +25,7 @@ def amqp_url() -> str:
 @pytest.fixture
 def prefix() -> str:
     """A unique broker.prefix per test, so no two tests share a queue."""
-    return f"t{uuid.uuid4().hex[:10]}"
+    return unique_prefix()
 
 
 @pytest.fixture
@@ -42,3 +42,18 @@ def rabbit(amqp_url: str) -> Iterator[RabbitControl]:
         yield control
     finally:
         control.start()  # when a test failed before it could
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Delete what this session's processes declared on the default node (see tests/brokers.sweep_prefixes)."""
+    if rabbitmq_reachable():
+        swept = asyncio.run(sweep_prefixes())
+        session.config.stash[_SWEPT] = swept
+
+
+_SWEPT = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if config.stash.get(_SWEPT, 0):
+        terminalreporter.write_line(f"swept {config.stash[_SWEPT]} queues and exchanges left on RabbitMQ by the tests")

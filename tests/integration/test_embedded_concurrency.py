@@ -16,7 +16,6 @@ import re
 import sqlite3
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 from relay.config.models import Config
 from relay.contract.names import dead_queue, document_queues, outbound_queue
 from relay.daemon.serve import serve_forever
+from tests.brokers import unique_prefix
 from tests.doubles import RecordingMailer
 from tests.waiting import wait_until
 
@@ -116,7 +116,7 @@ async def finish(proc: asyncio.subprocess.Process, writer: int) -> float:
 
 async def test_twenty_writers_every_mail_delivered_exactly_once(tmp_path: Path) -> None:
     db = (tmp_path / "queue.db").absolute()
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = unique_prefix()
     config = Config.model_validate({
         "host": "concurrency",
         "broker": {"url": f"sqlite:///{db}", "prefix": prefix},

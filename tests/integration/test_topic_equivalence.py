@@ -13,7 +13,6 @@ does not), and a key of one empty word cannot be written any other way, so it is
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
@@ -27,7 +26,7 @@ from relay.contract.keys import topic_matches
 from relay.contract.message import Message
 from relay.contract.topology import BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, Topology
 from relay.engines.base import Engine
-from tests.brokers import Broker, require_rabbitmq, sqlite_url
+from tests.brokers import Broker, require_rabbitmq, sqlite_url, unique_prefix
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(90)]
 
@@ -71,7 +70,7 @@ class SideBySide:
 def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SideBySide]:
     # Module-scoped (one loop and one connection for every Hypothesis example): the function-scoped
     # broker fixture cannot serve, the Broker helper can.
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = unique_prefix()
     rabbit = Broker("amqp", require_rabbitmq(), prefix)
     embedded = Broker("sqlite", sqlite_url(tmp_path_factory.mktemp("topics") / "queue.db"), prefix)
     nowhere = f"{prefix}.nowhere"
