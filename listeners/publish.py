@@ -69,7 +69,8 @@ class EnginePublisher:
             try:
                 if not self._declared:
                     await self._engine.connect()
-                    await self._engine.declare(event_topology(self.prefix))
+                    # A listener login may not configure (least privilege): then a relay declared these.
+                    await self._engine.declare(event_topology(self.prefix), use_existing=True)
                     self._declared = True
                 await self._engine.publish(events_exchange(self.prefix), routing_key, message)
             except BaseException:

@@ -31,6 +31,7 @@ __all__ = [
     "ConfigurationError",
     "MessageDecodeError",
     "PermanentError",
+    "PermissionRefused",
     "ProtocolError",
     "RelayError",
     "SMTPConnectError",
@@ -63,6 +64,10 @@ class PermanentError(RelayError):
 
 class ConfigurationError(RelayError):
     """Our configuration or the smarthost's setup is wrong, not the message."""
+
+
+class PermissionRefused(ConfigurationError):
+    """The broker refused this login an operation its permissions (configure, write, read) do not grant."""
 
 
 class ProtocolError(RelayError):

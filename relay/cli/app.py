@@ -191,11 +191,17 @@ def _metrics(cfg: Config) -> tuple[Observer | None, MetricsServer | None]:
 @app.command()
 def check(config: ConfigOption = None,
           connect: Annotated[bool, typer.Option("--connect", help="also reach the broker and the SMTP server")] = False,
+          role: Annotated[str | None, typer.Option(
+              "--role", help="with --connect: check the broker login has this role's permissions "
+                             "(listener, relay, sendmail); listener and sendmail skip the SMTP check")] = None,
           as_json: JsonOption = False) -> None:
     """Validate the config; with --connect reach the broker and the smarthost (EHLO, TLS, AUTH, no mail)."""
     from relay.contract.urls import mask_url
+    from relay.ops.roles import ROLES
     from relay.render.renderer import Renderer
 
+    if role is not None and role not in ROLES:
+        fail(f"--role {role!r}: one of {', '.join(ROLES)}", EX_USAGE)
     cfg = config_or_exit(config)
     try:
         Renderer(cfg)
@@ -215,7 +221,7 @@ def check(config: ConfigOption = None,
         report["ssmtp"] = ssmtp_notes(config)
     failed = False
     if connect:
-        report["connect"], failed = asyncio.run(_probe(cfg))
+        report["connect"], failed = asyncio.run(_probe(cfg, role))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -242,20 +248,43 @@ def _describe(host: SmarthostConfig) -> str:
     return f"{host.name} ({host.security.value}, {auth}{', at most ' + budget if budget else ''})"
 
 
-async def _probe(cfg: Config) -> tuple[dict[str, str], bool]:
+async def _probe(cfg: Config, role: str | None) -> tuple[dict[str, str], bool]:
+    from relay.contract.urls import mask_url, url_user
     from relay.delivery.smarthosts import Smarthosts
     from relay.engines import open_engine
+    from relay.ops.roles import check_role, permissions
 
     results: dict[str, str] = {}
     failed = False
-    engine = open_engine(cfg.broker.url, **cfg.broker.engine_options)
+    options = dict(cfg.broker.engine_options)
+    if len(cfg.broker.urls) > 1:
+        # Each node of the cluster the config names: a dead one is worth knowing before it is needed.
+        for url in cfg.broker.urls:
+            node = open_engine(url, **{**options, "alternates": (), "shuffle": False})
+            try:
+                await node.connect()
+                results[f"broker node {mask_url(url)}"] = "ok"
+            except RelayError as exc:
+                results[f"broker node {mask_url(url)}"] = f"FAILED: {exc}"
+            finally:
+                await node.close()
+    engine = open_engine(cfg.broker.url, **options)
+    part = "broker"
     try:
         await engine.connect()
-        results["broker"] = "ok"
+        results[part] = "ok"
+        if role is not None:
+            part = f"broker role {role}"
+            results[part] = "ok: " + await check_role(engine, role, cfg)
     except RelayError as exc:
-        results["broker"], failed = f"FAILED: {exc}", True
+        results[part], failed = f"FAILED: {exc}", True
+        if role is not None and part != "broker":
+            results["broker role needs"] = permissions(role, cfg.broker.prefix).rabbitmqctl(
+                url_user(cfg.broker.url) or "USER")
     finally:
         await engine.close()
+    if role in ("listener", "sendmail"):
+        return results, failed  # their hosts send no mail
     mailer = Smarthosts(cfg.smtp)
     try:
         for n, (name, info) in enumerate(await mailer.check_all()):
@@ -305,10 +334,8 @@ def routes(key: Annotated[str, typer.Argument(help="a routing key, e.g. proc.web
 def send_test(address: Annotated[str, typer.Argument(help="where to send the test mail")],
               config: ConfigOption = None) -> None:
     """Queue one test mail on outbound: the relay delivers it like any other."""
-    from relay.contract.mail import OutboundMail, to_message
-    from relay.contract.names import outbound_queue
-    from relay.contract.topology import full_topology
-    from relay.engines import open_engine
+    from relay.contract.mail import OutboundMail
+    from relay.ops.submit import submit
     from relay.render.mime import build_message
     from relay.render.renderer import default_sender
 
@@ -319,13 +346,8 @@ def send_test(address: Annotated[str, typer.Argument(help="where to send the tes
                              "If you can read it, the whole path works.\n")
     mail = OutboundMail(sender=sender, recipients=(address,), raw=raw, origin="send-test")
 
-    async def enqueue() -> None:
-        async with open_engine(cfg.broker.url, **cfg.broker.engine_options) as engine:
-            await engine.declare(full_topology(cfg.broker.prefix, [], []))
-            await engine.send(outbound_queue(cfg.broker.prefix), to_message(mail))
-
     try:
-        asyncio.run(enqueue())
+        asyncio.run(submit(cfg.broker.url, cfg.broker.prefix, mail, options=cfg.broker.engine_options))
     except RelayError as exc:
         fail(f"could not queue the test mail: {exc}", EX_TEMPFAIL)
     typer.echo(f"queued test mail {mail.message_id} to {address}")

@@ -22,6 +22,7 @@ __all__ = [
     "silences_queue",
     "spool_name",
     "state_queue",
+    "submit_exchange",
     "subscription_queue",
     "unrouted_exchange",
     "unrouted_queue",
@@ -48,6 +49,12 @@ def subscription_queue(prefix: str, name: str) -> str:
 
 def outbound_queue(prefix: str) -> str:
     return f"{prefix}.outbound"
+
+
+def submit_exchange(prefix: str) -> str:
+    """Where sendmail hosts put mail for outbound: an exchange of its own, so that their logins may write
+    this one name (RabbitMQ checks publishes against the exchange, and the default one reaches every queue)."""
+    return f"{prefix}.submit"
 
 
 def retry_queue(prefix: str, delay_ms: int) -> str:

@@ -23,6 +23,7 @@ from relay.contract.names import (
     silences_queue,
     spool_name,
     state_queue,
+    submit_exchange,
     subscription_queue,
     unrouted_exchange,
     unrouted_queue,
@@ -36,6 +37,7 @@ __all__ = [
     "Topology",
     "event_topology",
     "full_topology",
+    "outbound_topology",
     "silence_topology",
     "spool_topology",
 ]
@@ -135,6 +137,17 @@ def silence_topology(prefix: str) -> Topology:
     ))
 
 
+def outbound_topology(prefix: str) -> Topology:
+    """What a publisher of mail needs: outbound (a message that kills the relay every time ends in dead)
+    behind the submit exchange."""
+    outbound, dead, submit = outbound_queue(prefix), dead_queue(prefix), submit_exchange(prefix)
+    return Topology(
+        exchanges=(ExchangeSpec(submit, ExchangeKind.FANOUT),),
+        queues=(QueueSpec(outbound, poison_to=dead), QueueSpec(dead)),
+        bindings=(BindingSpec(outbound, submit, "#"),),
+    )
+
+
 def full_topology(
     prefix: str,
     subscriptions: Sequence[tuple[str, Sequence[str]]],
@@ -146,8 +159,7 @@ def full_topology(
     budget counters ``(queue, window_ms)``: each message expires after its window and is dropped."""
     outbound, dead = outbound_queue(prefix), dead_queue(prefix)
     # The queues the relay consumes for work: a message that kills it every time ends in dead.
-    queues = [QueueSpec(outbound, poison_to=dead), QueueSpec(dead)]
-    queues += [
+    queues = [
         QueueSpec(retry_queue(prefix, d), ttl_ms=d, dead_letter_to=outbound)
         for d in sorted(set(retry_delays_ms))
     ]
@@ -158,7 +170,8 @@ def full_topology(
         bindings += [BindingSpec(queue, events_exchange(prefix), p) for p in patterns]
     queues += [QueueSpec(state_queue(prefix, name), single_active=True) for name in stateful]
     queues += [QueueSpec(name, ttl_ms=window_ms) for name, window_ms in budgets]
-    return event_topology(prefix) + silence_topology(prefix) + Topology((), tuple(queues), tuple(bindings))
+    return (event_topology(prefix) + outbound_topology(prefix) + silence_topology(prefix)
+            + Topology((), tuple(queues), tuple(bindings)))
 
 
 def spool_topology(prefix: str) -> Topology:

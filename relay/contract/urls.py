@@ -22,6 +22,7 @@ __all__ = [
     "mask_url",
     "scheme",
     "sqlite_path",
+    "url_user",
 ]
 
 AMQP_SCHEMES = ("amqp", "amqps")
@@ -110,6 +111,13 @@ def mask_url(url: str) -> str:
         return url
     user = userinfo.split(":", 1)[0]
     return f"{name}://{user}:******@{hostpart}"
+
+
+def url_user(url: str) -> str:
+    """The login name of a URL (``""`` when it has none), for messages that must not show the password."""
+    _, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    return userinfo.split(":", 1)[0] if sep and at else ""
 
 
 def check_broker_urls(urls: object) -> tuple[str, ...]:

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,7 +29,7 @@ from relay.contract.names import lock_queue
 from relay.contract.topology import QueueSpec, Topology
 from relay.contract.urls import mask_url
 from relay.engines.base import Delivery, Engine
-from relay.errors import BrokerUnavailable, ConfigurationError
+from relay.errors import BrokerUnavailable, ConfigurationError, PermissionRefused
 
 __all__ = ["QUEUE_TYPES", "UNLIMITED_DELIVERIES", "AmqpEngine", "queue_arguments"]
 
@@ -55,11 +56,35 @@ _log = logging.getLogger(__name__)
 _READ_LOCK_WAIT = 10.0
 
 
+# RabbitMQ's words for a permission refused ("access to exchange 'x' in vhost '/' refused for user 'u'"):
+# they name the resource, not which of configure, write or read was missing; the operation does.
+_REFUSED = re.compile(r"access to (\w+) '([^']*)' in vhost '([^']*)' refused for user '([^']*)'")
+# What each resource kind needs for the operations below (RabbitMQ's access control guide).
+CONFIGURE, WRITE, READ = {"exchange": "configure", "queue": "configure"}, {"exchange": "write"}, {"queue": "read"}
+BIND = {"exchange": "read", "queue": "write"}
+LOCKED_READ = {"queue": "configure and read"}  # read_all declares and consumes its <queue>.lock too
+
+
+def _refusal(exc: BaseException, needs: Mapping[str, str]) -> str | None:
+    """One line naming the login, the permission and the resource; None: not a permission refusal."""
+    found = _REFUSED.search(str(exc))
+    if found is None:
+        return None
+    kind, name, vhost, user = found.groups()
+    return (f"user {user!r} has no {needs.get(kind, 'access')} permission on {kind} {name!r} in vhost {vhost!r} "
+            f"(see the README's least-privilege table, and `opsrelay check --connect --role ...`)")
+
+
 @contextlib.contextmanager
-def _translated(action: str, url: str) -> Iterator[None]:
-    """The one place where aio-pika's errors become ours."""
+def _translated(action: str, url: str, needs: Mapping[str, str] | None = None) -> Iterator[None]:
+    """The one place where aio-pika's errors become ours. ``needs``: the permission per resource kind."""
     try:
         yield
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        refusal = _refusal(exc, needs or {})
+        if refusal is None:
+            raise BrokerUnavailable(f"{action}: {mask_url(url)} refused it ({exc})") from None
+        raise PermissionRefused(f"{action}: {refusal}") from None
     except aio_pika.exceptions.PublishError as exc:
         raise ConfigurationError(f"{action}: the broker could not route the message ({exc})") from None
     except aio_pika.exceptions.ChannelPreconditionFailed as exc:
@@ -256,10 +281,19 @@ class AmqpEngine(Engine):
             raise BrokerUnavailable(f"not connected to {mask_url(self.url)}")
         return self._channel
 
-    async def declare(self, topology: Topology) -> None:
+    async def declare(self, topology: Topology, *, use_existing: bool = False) -> None:
         await self.connect()
+        try:
+            await self._declare(topology)
+        except PermissionRefused:
+            if not use_existing:
+                raise
+            await self._reopen_channel()  # the refusal closed it
+            await self._check_existing(topology)
+
+    async def _declare(self, topology: Topology) -> None:
         channel = self._publish_channel()
-        with _translated("declare", self.url):
+        with _translated("declare", self.url, CONFIGURE):
             for ex in topology.exchanges:
                 args: dict[str, Any] = {"alternate-exchange": ex.alternate} if ex.alternate else {}
                 self._exchanges[ex.name] = await channel.declare_exchange(
@@ -278,9 +312,29 @@ class AmqpEngine(Engine):
                                  q.name, q.ttl_ms)
                     channel = await self._reopen_channel()  # the refused declare closed it
                     queues = {q.name: await channel.declare_queue(q.name, passive=True)}  # the others: on it too
+        with _translated("bind", self.url, BIND):
             for b in topology.bindings:
                 queue = queues.get(b.queue) or await channel.declare_queue(b.queue, passive=True)
                 await queue.bind(b.exchange, routing_key=b.pattern)
+
+    async def _check_existing(self, topology: Topology) -> None:
+        """Every exchange and queue of ``topology`` exists (passive declares need no permission)."""
+        assert self._connection is not None
+        names = [("exchange", e.name) for e in topology.exchanges] + [("queue", q.name) for q in topology.queues]
+        for kind, name in names:
+            try:
+                async with self._connection.channel() as channel:  # a missing one closes its channel
+                    if kind == "exchange":
+                        await channel.declare_exchange(name, passive=True)
+                    else:
+                        await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                raise PermissionRefused(
+                    f"declare: {kind} {name!r} does not exist and this login may not configure it: start a relay "
+                    "first (it declares every opsrelay object), or grant configure on it") from None
+            except _BROKER_ERRORS as exc:
+                raise BrokerUnavailable(f"declare: {mask_url(self.url)} unavailable ({exc})") from None
+        _log.debug("declare: no configure permission; %d objects a relay declared are there", len(names))
 
     def _mismatch(self, queue: str, exc: Exception) -> str:
         """One line: which queue, and what to do about it."""
@@ -307,20 +361,33 @@ class AmqpEngine(Engine):
             # AMQP's timestamp property (seconds); it survives dead-lettering: the age of a queue's head.
             timestamp=datetime.now(UTC),
         )
-        with _translated(f"publish to {exchange or 'queue ' + routing_key}", self.url):
+        with _translated(f"publish to {exchange or 'queue ' + routing_key}", self.url, WRITE):
             target = await self._exchange(exchange)
             await target.publish(amqp_message, routing_key, mandatory=True, timeout=self.confirm_timeout)
+
+    async def check_publish(self, exchange: str, routing_key: str) -> None:
+        """A publish inside a transaction, rolled back: RabbitMQ checks the write permission at the publish
+        and refuses it at the rollback, and nothing reaches a queue either way."""
+        await self.connect()
+        assert self._connection is not None
+        with _translated(f"publish to {exchange or 'queue ' + routing_key}", self.url, WRITE):
+            async with self._connection.channel(publisher_confirms=False) as channel:
+                transaction = channel.transaction()
+                await transaction.select()
+                target = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange)
+                await target.publish(aio_pika.Message(b"", headers={"x-opsrelay-check": "rolled back"}), routing_key)
+                await transaction.rollback()
 
     async def consume(self, queue: str, *, prefetch: int = 10,
                       subscribed: asyncio.Event | None = None) -> AsyncIterator[Delivery]:
         await self.connect()
         assert self._connection is not None
-        with _translated(f"consume {queue}", self.url):
+        with _translated(f"consume {queue}", self.url, READ):
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
             amqp_queue = await channel.declare_queue(queue, passive=True)
         try:
-            with _translated(f"consume {queue}", self.url):
+            with _translated(f"consume {queue}", self.url, READ):
                 async with amqp_queue.iterator() as incoming:
                     if subscribed is not None:
                         subscribed.set()  # basic.consume-ok came back
@@ -333,7 +400,7 @@ class AmqpEngine(Engine):
     async def get(self, queue: str) -> Delivery | None:
         await self.connect()
         channel = self._publish_channel()
-        with _translated(f"get from {queue}", self.url):
+        with _translated(f"get from {queue}", self.url, READ):
             amqp_queue = await channel.declare_queue(queue, passive=True)
             raw = await amqp_queue.get(no_ack=False, fail=False)
         return None if raw is None else _AmqpDelivery(raw, self.url)
@@ -352,7 +419,7 @@ class AmqpEngine(Engine):
         if self.queue_type == "quorum":
             # A peek is a delivery to a quorum queue: it would count towards the delivery limit.
             return None
-        with _translated(f"inspect {queue}", self.url):
+        with _translated(f"inspect {queue}", self.url, READ):
             # RabbitMQ cannot peek: take the head unacked and put it back (classic queues keep its place).
             async with self._connection.channel() as channel:
                 declared = await channel.declare_queue(queue, passive=True)
@@ -374,7 +441,7 @@ class AmqpEngine(Engine):
         give_up = time.monotonic() + _READ_LOCK_WAIT
         pause = 0.01
         while True:
-            with _translated(f"read {queue}", self.url):
+            with _translated(f"read {queue}", self.url, LOCKED_READ):
                 lock_channel = await self._connection.channel()
                 try:
                     # Classic and transient whatever broker.queue_type says: quorum queues do not enforce
@@ -384,8 +451,10 @@ class AmqpEngine(Engine):
                                                             arguments={"x-queue-type": "classic"})
                     try:
                         await lock.consume(_never_called, exclusive=True)
-                    except (aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelNotFoundEntity):
-                        pass  # another reader has it (or let it go just now); the refusal closed this channel
+                    except (aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelNotFoundEntity) as exc:
+                        if _refusal(exc, LOCKED_READ) is not None:
+                            raise  # no read permission on the lock: not another reader
+                        # another reader has it (or let it go just now); the refusal closed this channel
                     else:
                         return await self._read_locked(queue, drop)
                 finally:
@@ -427,7 +496,7 @@ class AmqpEngine(Engine):
         quorum queues refuse the flag, and closing the connection for it)."""
         await self.connect()
         assert self._connection is not None
-        with _translated(f"delete {queue}", self.url):
+        with _translated(f"delete {queue}", self.url, CONFIGURE):
             async with self._connection.channel() as channel:
                 await channel.queue_delete(queue, if_unused=False, if_empty=if_empty)
 

@@ -45,8 +45,12 @@ class Engine(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def declare(self, topology: Topology) -> None:
-        """Create exchanges, queues and bindings; idempotent."""
+    async def declare(self, topology: Topology, *, use_existing: bool = False) -> None:
+        """Create exchanges, queues and bindings; idempotent.
+
+        ``use_existing``: a publisher whose login may not configure (least privilege) uses what a relay
+        declared, once it checked that every exchange and queue of ``topology`` exists.
+        """
 
     @abc.abstractmethod
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
@@ -57,6 +61,10 @@ class Engine(abc.ABC):
 
     async def send(self, queue: str, message: Message) -> None:
         await self.publish("", queue, message)
+
+    @abc.abstractmethod
+    async def check_publish(self, exchange: str, routing_key: str) -> None:
+        """PermissionRefused unless this login may publish to ``exchange``; nothing is delivered."""
 
     @abc.abstractmethod
     def consume(self, queue: str, *, prefetch: int = 10,

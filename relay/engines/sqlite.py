@@ -276,7 +276,11 @@ class SqliteEngine(Engine):
             self._pool.shutdown(wait=False)
             self._pool = None
 
-    async def declare(self, topology: Topology) -> None:
+    async def check_publish(self, exchange: str, routing_key: str) -> None:
+        """The queue file has no per-login permissions: whoever may open it may publish (connect checks that)."""
+        await self.connect()
+
+    async def declare(self, topology: Topology, *, use_existing: bool = False) -> None:
         await self._call(lambda: store.declare(self._db(), topology))
         self._single_active.update(q.name for q in topology.queues if q.single_active)
 

@@ -41,7 +41,7 @@ from relay.contract.envelope import CONTENT_TYPE
 from relay.contract.mail import OutboundMail, to_message
 from relay.contract.maildrop import TMP_SUFFIX, Drop, decode_drop, is_drop_name
 from relay.contract.names import outbound_queue
-from relay.contract.topology import full_topology
+from relay.contract.topology import outbound_topology
 from relay.contract.urls import is_sqlite, sqlite_path
 from relay.engines import sqlite_rows
 from relay.engines.base import Engine
@@ -232,7 +232,7 @@ class Maildrop:
             raise OSError("a RabbitMQ broker needs its engine to ingest into")
         if engine is not self._declared:
             # A fleet member may run no relay: declare outbound (idempotent) as sendmail does.
-            await engine.declare(full_topology(self.cfg.prefix, [], []))
+            await engine.declare(outbound_topology(self.cfg.prefix))
             self._declared = engine
         ledger = os.path.join(self.parent, "ingested.db")
         if await asyncio.to_thread(_seen, ledger, mail.message_id):

@@ -28,3 +28,29 @@ def test_quorum_arguments() -> None:
     retry = queue_arguments(QueueSpec("p.retry.30000ms", ttl_ms=30000, dead_letter_to="p.outbound"), "quorum", 20)
     assert retry["x-dead-letter-routing-key"] == "p.outbound" and retry["x-delivery-limit"] == 2**31 - 1
     assert queue_arguments(QueueSpec("p.outbound", poison_to="p.dead"), "classic", 20) == {}
+
+
+def _access_refused(text: str) -> BaseException:
+    import aiormq.exceptions
+
+    return aiormq.exceptions.ChannelAccessRefused(text)
+
+
+def test_a_refused_permission_is_one_line_naming_the_permission_the_operation_needs() -> None:
+    from relay.engines.amqp import BIND, CONFIGURE, WRITE
+    from relay.errors import PermissionRefused
+
+    text = "ACCESS_REFUSED - access to exchange 'p.events' in vhost '/' refused for user 'web1'"
+    for needs, word in ((WRITE, "write"), (CONFIGURE, "configure"), (BIND, "read")):
+        with pytest.raises(PermissionRefused) as refused, _translated("publish to p.events", "amqp://web1:pw@h/",
+                                                                      needs):
+            raise _access_refused(text)
+        line = str(refused.value)
+        assert line.startswith(f"publish to p.events: user 'web1' has no {word} permission on exchange 'p.events' in "
+                               "vhost '/'") and "\n" not in line and "pw" not in line
+
+
+def test_an_access_refused_that_is_not_a_permission_stays_broker_unavailable() -> None:
+    text = "ACCESS_REFUSED - queue 'p.silences.lock' in vhost '/' in exclusive use"
+    with pytest.raises(BrokerUnavailable, match="exclusive use"), _translated("read p.silences", "amqp://h/"):
+        raise _access_refused(text)
